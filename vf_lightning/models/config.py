@@ -1,0 +1,85 @@
+"""Typed model configuration and the registry that turns it into a network."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from torch import nn
+
+Norm = Literal["none", "bn", "ln", "fixup"]
+Init = Literal["default", "vgg_init", "lecun_normal"]
+
+_REGISTRY: dict[str, Callable[[ModelConfig], nn.Module]] = {}
+
+
+def register_model(*names: str) -> Callable[[Callable[[ModelConfig], nn.Module]], Callable[[ModelConfig], nn.Module]]:
+    """Register a builder ``fn(cfg) -> nn.Module`` under one or more architecture names."""
+
+    def deco(fn: Callable[[ModelConfig], nn.Module]) -> Callable[[ModelConfig], nn.Module]:
+        for name in names:
+            if name in _REGISTRY:
+                raise ValueError(f"model {name!r} is registered twice")
+            _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def available_models() -> list[str]:
+    """Names accepted by ``ModelConfig.arch``."""
+    return sorted(_REGISTRY)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a network of the zoo; stored in every checkpoint.
+
+    ``arch`` names a registered architecture (see ``available_models()``); the other fields apply
+    where they make sense (``hidden`` only to ``mlp``, ``norm`` choices depend on the family).
+    """
+
+    arch: str = "vgg16"
+    num_classes: int = 10
+    in_channels: int = 3
+    norm: Norm = "none"
+    bias: bool = True
+    width: float = 1.0
+    hidden: tuple[int, ...] = field(default=(512, 512))
+    image_size: int = 32
+    init: Init = "default"
+
+    def __post_init__(self) -> None:
+        if self.arch not in _REGISTRY:
+            raise ValueError(
+                f"unknown model arch {self.arch!r}; registered models are: {', '.join(available_models())}"
+            )
+        if self.num_classes < 1 or self.in_channels < 1 or self.image_size < 1:
+            raise ValueError(f"model {self.arch!r}: num_classes, in_channels and image_size must be positive")
+        if self.width <= 0:
+            raise ValueError(f"model {self.arch!r}: width multiplier must be > 0, got {self.width}")
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        d = dict(d)
+        if "hidden" in d:
+            d["hidden"] = tuple(d["hidden"])
+        return cls(**d)
+
+
+def build_model(cfg: ModelConfig | dict[str, Any]) -> nn.Module:
+    """Build the network described by ``cfg`` (a ``ModelConfig`` or its dict form)."""
+    if isinstance(cfg, dict):
+        cfg = ModelConfig.from_dict(cfg)
+    model = _REGISTRY[cfg.arch](cfg)
+    from vf_lightning.models.init import apply_init
+
+    apply_init(model, cfg.init)
+    return model

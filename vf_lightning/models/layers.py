@@ -1,0 +1,49 @@
+"""Normalization layers used by the model zoo."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over the channel axis only, per spatial position (method-spec §1.1).
+
+    Input ``N×C×H×W`` (or ``N×C``); normalizes each ``(n, h, w)`` vector of ``C`` values and applies a
+    per-channel affine. Subclasses ``nn.LayerNorm`` so that ``isinstance`` checks for LayerNorm hold.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, elementwise_affine: bool = True) -> None:
+        super().__init__(num_channels, eps=eps, elementwise_affine=elementwise_affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        y = F.layer_norm(x.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return y.movedim(-1, 1)
+
+
+class FixupScalar(nn.Module):
+    """A learnable scalar bias (``x + b``) or scale (``x * s``) as used by Fixup ResNets."""
+
+    def __init__(self, kind: str = "bias") -> None:
+        super().__init__()
+        if kind not in ("bias", "scale"):
+            raise ValueError(f"FixupScalar kind must be 'bias' or 'scale', got {kind!r}")
+        self.kind = kind
+        self.value = nn.Parameter(torch.ones(1) if kind == "scale" else torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.value if self.kind == "scale" else x + self.value
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """Normalization layer for ``kind`` in {bn, ln, none}; ``none`` gives ``nn.Identity``."""
+    if kind == "bn":
+        return nn.BatchNorm2d(channels)
+    if kind == "ln":
+        return ChannelLayerNorm(channels)
+    if kind in ("none", "fixup"):
+        return nn.Identity()
+    raise ValueError(f"unknown norm {kind!r}; choose one of bn, ln, none")

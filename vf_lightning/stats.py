@@ -1,0 +1,211 @@
+"""Streaming per-channel statistics, accumulated in float64 and reducible across DDP ranks.
+
+The one statistics engine of the library: RESET/REPAIR goals, activation matching, ZipIt/CCA
+covariances, TACT and the variance-ratio diagnostics all build on :class:`Moments` and
+:func:`stream_features`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def channel_matrix(x: torch.Tensor) -> torch.Tensor:
+    """View activations as ``C × M`` (channels × positions) in float64.
+
+    ``N×C`` and ``N×C×H×W`` (channel axis 1) are supported; ``N×L×C`` sequence features use the last axis.
+    """
+    if x.dim() == 2:
+        return x.t().to(torch.float64)
+    if x.dim() == 4:
+        return x.transpose(0, 1).reshape(x.shape[1], -1).to(torch.float64)
+    if x.dim() == 3:
+        return x.reshape(-1, x.shape[-1]).t().to(torch.float64)
+    raise ValueError(f"cannot take channel statistics of a tensor with shape {tuple(x.shape)}")
+
+
+@dataclass
+class Moments:
+    """Running count, sum, sum of squares (and optionally the full outer product) of ``C`` channels."""
+
+    dim: int
+    outer: bool = False
+    device: torch.device | str = "cpu"
+    count: torch.Tensor = field(init=False)
+    sum: torch.Tensor = field(init=False)
+    sumsq: torch.Tensor = field(init=False)
+    prod: torch.Tensor | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        kw = {"dtype": torch.float64, "device": self.device}
+        self.count = torch.zeros((), **kw)  # type: ignore[arg-type]
+        self.sum = torch.zeros(self.dim, **kw)  # type: ignore[arg-type]
+        self.sumsq = torch.zeros(self.dim, **kw)  # type: ignore[arg-type]
+        self.prod = torch.zeros(self.dim, self.dim, **kw) if self.outer else None  # type: ignore[arg-type]
+
+    def update(self, feats: torch.Tensor) -> None:
+        """Add a ``C × M`` float matrix of ``M`` observations (see :func:`channel_matrix`)."""
+        if feats.shape[0] != self.dim:
+            raise ValueError(f"Moments of {self.dim} channels got a feature matrix with {feats.shape[0]} rows")
+        f = feats.to(device=self.sum.device, dtype=torch.float64)
+        self.count += f.shape[1]
+        self.sum += f.sum(1)
+        self.sumsq += (f * f).sum(1)
+        if self.prod is not None:
+            self.prod += f @ f.t()
+
+    def all_reduce(self) -> Moments:
+        """Sum the accumulators over all DDP ranks (no-op outside an initialized process group)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            tensors = [self.count, self.sum, self.sumsq] + ([self.prod] if self.prod is not None else [])
+            for t in tensors:
+                dist.all_reduce(t)
+        return self
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.count.clamp_min(1)
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Population variance per channel (exact, not a moving average)."""
+        m = self.mean
+        return (self.sumsq / self.count.clamp_min(1) - m * m).clamp_min(0)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.var.sqrt()
+
+    def cov(self) -> torch.Tensor:
+        """Full ``C × C`` population covariance (needs ``outer=True``)."""
+        if self.prod is None:
+            raise RuntimeError("Moments was created without outer=True; no covariance was accumulated")
+        m = self.mean
+        return self.prod / self.count.clamp_min(1) - torch.outer(m, m)
+
+    def corr(self, eps: float = 1e-7) -> torch.Tensor:
+        """Pearson correlation matrix from :meth:`cov`, with ``σσᵀ`` clamped at ``eps``."""
+        c = self.cov()
+        s = c.diagonal().clamp_min(0).sqrt()
+        return c / torch.outer(s, s).clamp_min(eps)
+
+
+@contextmanager
+def record_outputs(model: nn.Module, names: Sequence[str], pre: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """Capture the outputs (or with ``pre=True`` the first inputs) of the named submodules during forward."""
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise KeyError(f"module(s) {missing} not found in {type(model).__name__}")
+    store: dict[str, torch.Tensor] = {}
+    handles = []
+    for n in names:
+        if pre:
+            handles.append(modules[n].register_forward_pre_hook(lambda _m, inp, n=n: store.__setitem__(n, inp[0])))
+        else:
+            handles.append(modules[n].register_forward_hook(lambda _m, _i, out, n=n: store.__setitem__(n, out)))
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def batch_inputs(batch: object) -> torch.Tensor:
+    """The input tensor of a loader batch: ``x`` of ``(x, y, ...)`` or the tensor itself."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, Mapping) and "x" in batch:
+        return batch["x"]
+    raise TypeError(f"cannot find the input tensor in a batch of type {type(batch).__name__}")
+
+
+def iter_inputs(
+    loader: Iterable[object], device: torch.device | str, max_samples: int | None = None
+) -> Iterator[torch.Tensor]:
+    """Yield input batches moved to ``device``, stopping once ``max_samples`` inputs were yielded (truncating)."""
+    seen = 0
+    for batch in loader:
+        x = batch_inputs(batch)
+        if max_samples is not None:
+            if seen >= max_samples:
+                break
+            x = x[: max_samples - seen]
+        seen += x.shape[0]
+        yield x.to(device, non_blocking=True)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the first parameter (or buffer) of ``model``; CPU for parameter-free modules."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def stream_features(
+    models: Sequence[nn.Module],
+    sites: Sequence[Sequence[str]],
+    loader: Iterable[object],
+    consume: Callable[[list[dict[str, torch.Tensor]]], None],
+    max_samples: int | None = None,
+    pre: bool = False,
+) -> int:
+    """One pass over ``loader``: run every model on each batch and hand ``consume`` the captured site tensors.
+
+    ``sites[i]`` names the submodules of ``models[i]`` to capture; ``consume`` receives one dict per model
+    per batch. Models run in their current train/eval mode under ``no_grad``. Returns the sample count.
+    """
+    if len(models) != len(sites):
+        raise ValueError("stream_features needs one list of sites per model")
+    device = model_device(models[0])
+    n = 0
+    ctxs = [record_outputs(m, s, pre=pre) for m, s in zip(models, sites)]
+    stores = [c.__enter__() for c in ctxs]
+    try:
+        for x in iter_inputs(loader, device, max_samples):
+            for m in models:
+                m(x)
+            consume([dict(s) for s in stores])
+            for s in stores:
+                s.clear()
+            n += x.shape[0]
+    finally:
+        for c in ctxs:
+            c.__exit__(None, None, None)
+    return n
+
+
+def site_moments(
+    models: Sequence[nn.Module],
+    sites: Sequence[Sequence[str]],
+    loader: Iterable[object],
+    max_samples: int | None = None,
+    pre: bool = False,
+) -> list[dict[str, Moments]]:
+    """Per-channel moments of every site of every model from one streamed pass, reduced across DDP ranks."""
+    out: list[dict[str, Moments]] = [{} for _ in models]
+
+    def consume(batch: list[dict[str, torch.Tensor]]) -> None:
+        for i, feats in enumerate(batch):
+            for name, t in feats.items():
+                f = channel_matrix(t)
+                if name not in out[i]:
+                    out[i][name] = Moments(f.shape[0], device=f.device)
+                out[i][name].update(f)
+
+    stream_features(models, sites, loader, consume, max_samples=max_samples, pre=pre)
+    for d in out:
+        for mom in d.values():
+            mom.all_reduce()
+    return out

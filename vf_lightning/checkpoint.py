@@ -1,0 +1,108 @@
+"""Standalone model checkpoints (config + weights) and loading of pair / model checkpoints.
+
+A model checkpoint is a dict ``{"format": "vf-model", "version": 1, "model_config": {...},
+"state_dict": {...}, "meta": {...}}`` written atomically; everything is loaded with
+``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vf_lightning.io import atomic_torch_save
+from vf_lightning.models import ModelConfig, build_model
+
+FORMAT = "vf-model"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or not what was expected."""
+
+
+def save_model_checkpoint(
+    model: nn.Module, config: ModelConfig, path: str | Path, meta: dict[str, Any] | None = None
+) -> Path:
+    """Write ``model``'s weights with the config that rebuilds it (atomic: temp file, then rename)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    payload = {"format": FORMAT, "version": 1, "model_config": config.to_dict(), "state_dict": state, "meta": meta or {}}
+    return atomic_torch_save(payload, path)
+
+
+def _read(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist (train it first, e.g. with `vf fit`)")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling errors come in many types
+        raise CheckpointError(f"cannot read checkpoint {str(p)!r}: {e}") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{str(p)!r} is not a vf-lightning checkpoint (got {type(obj).__name__})")
+    return obj
+
+
+def model_from_state(config: ModelConfig | dict[str, Any], state: dict[str, torch.Tensor], where: str) -> nn.Module:
+    """Build the architecture and load ``state`` strictly, naming what does not fit."""
+    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
+    model = build_model(cfg)
+    from vf_lightning.repair.fold import ensure_biases  # repaired models may carry extra conv biases
+
+    ensure_biases(model, state)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{where}: weights do not fit architecture {cfg.arch!r} "
+            f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]})"
+        )
+    model.eval()
+    return model
+
+
+def load_model_checkpoint(path: str | Path) -> tuple[nn.Module, ModelConfig]:
+    """Load a standalone model checkpoint written by :func:`save_model_checkpoint`."""
+    obj = _read(path)
+    if obj.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{str(path)!r} is not a vf-lightning model checkpoint (format {obj.get('format')!r}); "
+            "for a Lightning checkpoint of a PairModule use load_pair"
+        )
+    cfg = ModelConfig.from_dict(obj["model_config"])
+    return model_from_state(cfg, obj["state_dict"], str(path)), cfg
+
+
+def load_pair(path: str | Path) -> tuple[nn.Module, nn.Module, ModelConfig]:
+    """Networks A and B from a ``PairModule`` Lightning checkpoint (``.ckpt``) of ``vf fit``."""
+    obj = _read(path)
+    hp = obj.get("hyper_parameters") or {}
+    sd = obj.get("state_dict")
+    if sd is None or "net" not in hp or not any(k.startswith("net_b.") for k in sd):
+        raise CheckpointError(
+            f"{str(path)!r} is not a PairModule checkpoint (expected hyper_parameters.net and net_a.*/net_b.* weights)"
+        )
+    cfg = ModelConfig.from_dict(hp["net"])
+    nets = []
+    for key in ("net_a.", "net_b."):
+        part = {k[len(key) :]: v for k, v in sd.items() if k.startswith(key)}
+        nets.append(model_from_state(cfg, part, f"{path} [{key[:-1]}]"))
+    return nets[0], nets[1], cfg
+
+
+def load_networks(paths: list[str] | str) -> tuple[list[nn.Module], list[ModelConfig]]:
+    """Load networks from one pair checkpoint or from one or more model checkpoints."""
+    if isinstance(paths, str):
+        paths = [paths]
+    if len(paths) == 1:
+        obj_format = _read(paths[0]).get("format")
+        if obj_format != FORMAT:
+            a, b, cfg = load_pair(paths[0])
+            return [a, b], [cfg, cfg]
+    models, cfgs = [], []
+    for p in paths:
+        m, c = load_model_checkpoint(p)
+        models.append(m)
+        cfgs.append(c)
+    return models, cfgs

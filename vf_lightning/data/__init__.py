@@ -1,0 +1,27 @@
+"""Data modules and dataset sources."""
+
+from vf_lightning.data.datamodules import (
+    DATAMODULES,
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    DigitsDataModule,
+    FashionMNISTDataModule,
+    ImageNetDataModule,
+    MNISTDataModule,
+    PermutedView,
+    VisionDataModule,
+)
+from vf_lightning.data.sources import DataNotFoundError
+
+__all__ = [
+    "DATAMODULES",
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "DataNotFoundError",
+    "DigitsDataModule",
+    "FashionMNISTDataModule",
+    "ImageNetDataModule",
+    "MNISTDataModule",
+    "PermutedView",
+    "VisionDataModule",
+]

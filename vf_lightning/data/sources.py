@@ -1,0 +1,87 @@
+"""Where datasets are found on disk (DESIGN §6): explicit dir, ``VF_DATA_DIR``, system locations, download."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SYSTEM_DIRS: dict[str, list[str]] = {
+    "fashion_mnist": ["/usr/share/datasets/fashion-mnist", "/usr/share/datasets/fashion_mnist"],
+    "mnist": ["/usr/share/datasets/mnist"],
+}
+
+HINTS: dict[str, str] = {
+    "fashion_mnist": "install it with `apt-get install dataset-fashion-mnist` (Debian) or pass data_dir / set "
+    "VF_DATA_DIR to a folder holding the four *-idx*-ubyte(.gz) files, or set download: true",
+    "mnist": "pass data_dir / set VF_DATA_DIR to a folder with the MNIST idx files, or set download: true",
+    "cifar10": "pass data_dir / set VF_DATA_DIR to a folder holding cifar-10-batches-py, or set download: true",
+    "cifar100": "pass data_dir / set VF_DATA_DIR to a folder holding cifar-100-python, or set download: true",
+    "imagenet": "pass data_dir pointing at an ImageNet folder with train/ and val/ class sub-folders",
+}
+
+
+class DataNotFoundError(FileNotFoundError):
+    """Raised when a dataset is not found in any of the places searched."""
+
+    def __init__(self, dataset: str, searched: list[str], extra: str = "") -> None:
+        where = "\n  ".join(searched) if searched else "(nowhere: no location given)"
+        msg = f"dataset {dataset!r} not found. Looked in:\n  {where}\nHow to get it: {HINTS.get(dataset, '')}"
+        if extra:
+            msg += f"\n{extra}"
+        super().__init__(msg)
+
+
+def candidate_dirs(dataset: str, data_dir: str | os.PathLike[str] | None, subdirs: list[str]) -> list[Path]:
+    """Search order: ``data_dir`` (and sub-folders), ``$VF_DATA_DIR`` (and sub-folders), system locations."""
+    roots: list[Path] = []
+    for base in (data_dir, os.environ.get("VF_DATA_DIR")):
+        if base:
+            b = Path(base).expanduser()
+            roots.append(b)
+            roots.extend(b / s for s in subdirs)
+    roots.extend(Path(p) for p in SYSTEM_DIRS.get(dataset, []))
+    seen: list[Path] = []
+    for r in roots:
+        if r not in seen:
+            seen.append(r)
+    return seen
+
+
+def _open_idx(path: Path) -> bytes:
+    if path.suffix == ".gz":
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    return path.read_bytes()
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """Read an IDX file (optionally gzipped) as a uint8 tensor, checking its header."""
+    raw = _open_idx(path)
+    if len(raw) < 8:
+        raise ValueError(f"{path} is not an IDX file (too short)")
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: header says {dims} but holds {data.size} bytes (truncated download?)")
+    return torch.from_numpy(data.reshape(dims).copy())
+
+
+def find_idx_split(folder: Path, split: str) -> tuple[Path, Path] | None:
+    """Locate ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`` in ``folder``."""
+    prefix = "train" if split == "train" else "t10k"
+    found = []
+    for kind in ("images-idx3", "labels-idx1"):
+        hits = [folder / f"{prefix}-{kind}-ubyte{ext}" for ext in (".gz", "")]
+        hit = next((h for h in hits if h.is_file()), None)
+        if hit is None:
+            return None
+        found.append(hit)
+    return found[0], found[1]

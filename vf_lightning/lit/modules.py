@@ -1,0 +1,191 @@
+"""LightningModules: one classifier, or a pair of differently initialized networks trained side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from vf_lightning.checkpoint import save_model_checkpoint
+from vf_lightning.lit.base import BaseModule, as_config, build_seeded
+from vf_lightning.lit.optim import OptimConfig, ScheduleConfig
+from vf_lightning.models import ModelConfig
+
+
+class _EvalMetrics(nn.Module):
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.acc = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        self.loss = MeanMetric()
+
+    def update(self, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
+        self.acc.update(logits, y)
+        self.acc5.update(logits, y)
+        self.loss.update(loss, weight=y.shape[0])
+
+
+class ClassifierModule(BaseModule):
+    """Train one network of the zoo with cross-entropy; logs ``train/loss``, ``val/acc``, ``val/acc5``, ``val/loss``.
+
+    Args:
+        net: the architecture (``ModelConfig``: arch, norm, width, ...).
+        optim: optimizer settings; schedule: per-iteration learning-rate schedule.
+        seed: initialization seed of the network (None: the global RNG).
+        compile: wrap the network in ``torch.compile``; channels_last: None = on for CUDA.
+    """
+
+    def __init__(
+        self,
+        net: ModelConfig,
+        optim: OptimConfig = OptimConfig(),
+        schedule: ScheduleConfig = ScheduleConfig(),
+        seed: int | None = None,
+        compile: bool = False,
+        channels_last: bool | None = None,
+    ) -> None:
+        super().__init__(compile=compile, channels_last=channels_last)
+        self.net_config: ModelConfig = as_config(net, ModelConfig)
+        self.optim = as_config(optim, OptimConfig)
+        self.schedule = as_config(schedule, ScheduleConfig)
+        self.save_hyperparameters(
+            {
+                "net": self.net_config.to_dict(),
+                "optim": self.config_dict(self.optim),
+                "schedule": self.config_dict(self.schedule),
+                "seed": seed,
+                "compile": compile,
+                "channels_last": channels_last,
+            }
+        )
+        self.net = build_seeded(self.net_config, seed)
+        self.val_metrics = _EvalMetrics(self.net_config.num_classes)
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"net": self.net}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_net("net", x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss, c1, _ = self.loss_and_stats(self(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", c1.float() / y.shape[0], on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        self.val_metrics.update(logits, y, loss)
+        m = self.val_metrics
+        self.log_dict({"val/acc": m.acc, "val/acc5": m.acc5, "val/loss": m.loss}, prog_bar=True)
+
+    test_step = validation_step
+
+    def export_network(self, path: str | Path) -> Path:
+        """Write the network as a standalone model checkpoint (config + weights)."""
+        return save_model_checkpoint(self.net, self.net_config, path, meta={"source": "ClassifierModule"})
+
+
+class PairModule(BaseModule):
+    """Train two differently initialized networks of one architecture side by side in one run.
+
+    Each network has its own initialization seed and its own data order (the data module provides two
+    training streams). One optimizer holds both parameter sets; the loss is ``loss_a + loss_b``, whose
+    gradients are independent, so this equals two separate runs with the same recipe. Both networks live
+    in one checkpoint (``net_a.*``, ``net_b.*``); ``export_dir`` writes each as a standalone checkpoint
+    (``net_a.pt``, ``net_b.pt``) at the end of fit.
+    """
+
+    def __init__(
+        self,
+        net: ModelConfig,
+        optim: OptimConfig = OptimConfig(),
+        schedule: ScheduleConfig = ScheduleConfig(),
+        seed_a: int = 1,
+        seed_b: int = 2,
+        export_dir: str | None = None,
+        compile: bool = False,
+        channels_last: bool | None = None,
+    ) -> None:
+        super().__init__(compile=compile, channels_last=channels_last)
+        if seed_a == seed_b:
+            raise ValueError(f"PairModule needs two different seeds, got seed_a = seed_b = {seed_a}")
+        self.net_config: ModelConfig = as_config(net, ModelConfig)
+        self.optim = as_config(optim, OptimConfig)
+        self.schedule = as_config(schedule, ScheduleConfig)
+        self.export_dir = export_dir
+        self.save_hyperparameters(
+            {
+                "net": self.net_config.to_dict(),
+                "optim": self.config_dict(self.optim),
+                "schedule": self.config_dict(self.schedule),
+                "seed_a": seed_a,
+                "seed_b": seed_b,
+                "export_dir": export_dir,
+                "compile": compile,
+                "channels_last": channels_last,
+            }
+        )
+        self.net_a = build_seeded(self.net_config, seed_a)
+        self.net_b = build_seeded(self.net_config, seed_b)
+        n = self.net_config.num_classes
+        self.val_a = _EvalMetrics(n)
+        self.val_b = _EvalMetrics(n)
+
+    def networks(self) -> dict[str, nn.Module]:
+        return {"a": self.net_a, "b": self.net_b}
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "pair_streams"):
+            dm.pair_streams = True  # ask for two independent training orders
+        super().setup(stage)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward_net("a", x), self.forward_net("b", x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if isinstance(batch, dict):
+            (xa, ya), (xb, yb) = batch["a"], batch["b"]
+        else:
+            (xa, ya), (xb, yb) = batch, batch
+        loss_a, ca, _ = self.loss_and_stats(self.forward_net("a", xa), ya)
+        loss_b, cb, _ = self.loss_and_stats(self.forward_net("b", xb), yb)
+        self.log_dict({"train/loss_a": loss_a, "train/loss_b": loss_b}, prog_bar=True)
+        self.log_dict(
+            {"train/acc_a": ca.float() / ya.shape[0], "train/acc_b": cb.float() / yb.shape[0]},
+            on_step=False,
+            on_epoch=True,
+        )
+        return loss_a + loss_b
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        for key, metrics in (("a", self.val_a), ("b", self.val_b)):
+            logits = self.forward_net(key, x)
+            metrics.update(logits, y, nn.functional.cross_entropy(logits, y))
+            self.log_dict(
+                {f"val/acc_{key}": metrics.acc, f"val/acc5_{key}": metrics.acc5, f"val/loss_{key}": metrics.loss},
+                prog_bar=key == "a" or True,
+            )
+
+    test_step = validation_step
+
+    def export_networks(self, out_dir: str | Path) -> tuple[Path, Path]:
+        """Write ``net_a.pt`` and ``net_b.pt`` (standalone model checkpoints) into ``out_dir``."""
+        out = Path(out_dir)
+        meta = {"source": "PairModule", "epoch": int(self.current_epoch) if self._trainer is not None else None}
+        pa = save_model_checkpoint(self.net_a, self.net_config, out / "net_a.pt", meta={**meta, "seed": self.hparams.seed_a})
+        pb = save_model_checkpoint(self.net_b, self.net_config, out / "net_b.pt", meta={**meta, "seed": self.hparams.seed_b})
+        return pa, pb
+
+    def on_fit_end(self) -> None:
+        if self.export_dir and self.trainer.is_global_zero:
+            self.export_networks(self.export_dir)

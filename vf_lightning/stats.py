@@ -209,3 +209,76 @@ def site_moments(
         for mom in d.values():
             mom.all_reduce()
     return out
+
+
+@contextmanager
+def accumulate_moments(
+    model: nn.Module, names: Sequence[str], pre: bool = False
+) -> Iterator[dict[str, Moments]]:
+    """While active, add the outputs (``pre=True``: first inputs) of the named submodules into per-site Moments.
+
+    Activations are read inside the hook, the moment they are produced, so later in-place ops (e.g. a conv
+    output overwritten by ``ReLU(inplace=True)``) cannot alter them. Call ``all_reduce`` on the results for DDP.
+    """
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules]
+    if missing:
+        raise KeyError(f"module(s) {missing} not found in {type(model).__name__}")
+    store: dict[str, Moments] = {}
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...], outp: torch.Tensor | None = None) -> None:
+            t = inp[0] if pre else outp
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"site {name!r} produced a {type(t).__name__}, not a tensor")
+            f = channel_matrix(t.detach())
+            if name not in store:
+                store[name] = Moments(f.shape[0], device=f.device)
+            store[name].update(f)
+
+        return hook
+
+    handles = [
+        modules[n].register_forward_pre_hook(make_hook(n)) if pre else modules[n].register_forward_hook(make_hook(n))
+        for n in names
+    ]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def stream_moments(
+    models: Sequence[nn.Module],
+    sites: Sequence[Sequence[str]],
+    loader: Iterable[object],
+    max_samples: int | None = None,
+    pre: bool = False,
+    forwards: Sequence[Callable[[torch.Tensor], object]] | None = None,
+) -> list[dict[str, Moments]]:
+    """Per-channel moments like :func:`site_moments`, accumulated inside the hooks (see :func:`accumulate_moments`).
+
+    ``forwards[i]`` optionally replaces ``models[i]`` as the callable run on each batch (e.g. a truncated
+    ``torch.fx`` graph sharing the model's submodules). One pass; reduced across DDP ranks.
+    """
+    if len(models) != len(sites):
+        raise ValueError("stream_moments needs one list of sites per model")
+    runners = list(forwards) if forwards is not None else list(models)
+    if len(runners) != len(models):
+        raise ValueError("stream_moments needs one forward callable per model")
+    ctxs = [accumulate_moments(m, s, pre=pre) for m, s in zip(models, sites)]
+    stores = [c.__enter__() for c in ctxs]
+    try:
+        device = model_device(models[0])
+        for x in iter_inputs(loader, device, max_samples):
+            for run in runners:
+                run(x)
+    finally:
+        for c in ctxs:
+            c.__exit__(None, None, None)
+    for d in stores:
+        for mom in d.values():
+            mom.all_reduce()
+    return [dict(d) for d in stores]

@@ -1,0 +1,288 @@
+"""Behaviour of RESET, REPAIR, RESCALE, RESHIFT, folding, bias calibration and the normalization registry."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from vf_lightning.merge import interpolate_models
+from vf_lightning.models import ModelConfig, build_model
+from vf_lightning.repair import (
+    NORMALIZATIONS,
+    affine_coefficients,
+    affine_correct,
+    auto_normalization,
+    batchnorm_sites,
+    bias_calibrate,
+    bias_calibrate_merged,
+    compute_goals,
+    default_correction_sites,
+    ensure_biases,
+    fold_affine,
+    get_normalization,
+    normalize,
+    reference_stats,
+    reset_bn_stats,
+    sequential_estimate,
+    zero_bias,
+)
+from vf_lightning.stats import stream_moments
+
+
+def _loader(n: int = 48, shape: tuple[int, ...] = (3, 16, 16), bs: int = 16, seed: int = 0) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=bs)
+
+
+def _pair(arch: str = "vgg11", norm: str = "none", bias: bool = True, **kw: object) -> tuple[nn.Module, nn.Module]:
+    cfg = ModelConfig(arch=arch, norm=norm, width=0.125, image_size=16, bias=bias, init="vgg_init", **kw)  # type: ignore[arg-type]
+    torch.manual_seed(1)
+    a = build_model(cfg).eval()
+    torch.manual_seed(2)
+    b = build_model(cfg).eval()
+    return a, b
+
+
+def _site_stats(model: nn.Module, sites: list[str], loader: DataLoader) -> dict:
+    model.eval()
+    return stream_moments([model], [sites], loader)[0]
+
+
+@pytest.mark.parametrize("arch,norm", [("vgg11", "none"), ("resnet20", "ln")])
+def test_repair_hits_goal_mean_and_std_per_channel(arch: str, norm: str) -> None:
+    a, b = _pair(arch, norm)
+    loader = _loader()
+    merged = interpolate_models(a, b, 0.5)
+    sites = default_correction_sites(merged)
+    goals = compute_goals([a, b], loader, [0.5, 0.5], sites)
+    fixed = affine_correct(merged, goals, loader, "repair", eps=1e-10)  # ε only shrinks collapsed channels' std
+    stats = _site_stats(fixed, sites, loader)
+    for s in sites:
+        scale = goals.std[s].max()
+        torch.testing.assert_close(stats[s].mean, goals.mean[s], rtol=1e-3, atol=1e-3 * scale)
+        torch.testing.assert_close(stats[s].std, goals.std[s], rtol=1e-3, atol=1e-3 * scale)
+    assert type(fixed) is type(merged)
+
+
+def test_rescale_keeps_mean_signs_hits_std_and_adds_no_bias() -> None:
+    a, b = _pair("vgg11", "none", bias=False)
+    loader = _loader()
+    merged = interpolate_models(a, b, 0.5)
+    sites = default_correction_sites(merged)
+    before = _site_stats(merged, sites[:1], loader)[sites[0]].mean
+    goals = compute_goals([a, b], loader, [0.5, 0.5], sites)
+    fixed = affine_correct(merged, goals, loader, "rescale", eps=1e-10)
+    stats = _site_stats(fixed, sites, loader)
+    assert torch.equal(torch.sign(stats[sites[0]].mean), torch.sign(before))
+    for s in sites:
+        torch.testing.assert_close(stats[s].std, goals.std[s], rtol=1e-3, atol=1e-3 * goals.std[s].max())
+    assert all(m.bias is None for m in fixed.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_reshift_hits_goal_mean() -> None:
+    a, b = _pair("vgg11", "none")
+    loader = _loader()
+    merged = interpolate_models(a, b, 0.3)
+    sites = default_correction_sites(merged)
+    goals = compute_goals([a, b], loader, [0.7, 0.3], sites)
+    fixed = normalize(merged, "reshift", loader, goals=goals)
+    stats = _site_stats(fixed, sites, loader)
+    for s in sites:
+        torch.testing.assert_close(stats[s].mean, goals.mean[s], rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("module", [nn.Conv2d(3, 5, 3, bias=False), nn.Conv2d(3, 5, 3), nn.Linear(4, 5)])
+def test_fold_affine_equals_explicit_affine_after_layer(module: nn.Module) -> None:
+    x = torch.randn(2, 3, 6, 6) if isinstance(module, nn.Conv2d) else torch.randn(2, 4)
+    a, c = torch.rand(5) + 0.5, torch.randn(5)
+    shape = (1, -1, 1, 1) if isinstance(module, nn.Conv2d) else (1, -1)
+    expected = module(x) * a.view(shape) + c.view(shape)
+    fold_affine(module, a, c)
+    torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_folded_model_equals_unfolded_correction_hooks() -> None:
+    a, b = _pair("resnet20", "ln")
+    loader = _loader()
+    merged = interpolate_models(a, b, 0.5)
+    sites = default_correction_sites(merged)
+    goals = compute_goals([a, b], loader, None, sites)
+    folded = copy.deepcopy(merged)
+    modules = dict(folded.named_modules())
+    coeffs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def on_output(name, mom):  # type: ignore[no-untyped-def]
+        ac = affine_coefficients("repair", mom.mean, mom.var, goals.mean[name], goals.std[name])
+        fold_affine(modules[name], *ac)
+        coeffs[name] = ac
+        return ac
+
+    sequential_estimate(folded, dict.fromkeys(sites, "output"), loader, on_output)
+    wrapped = copy.deepcopy(merged)
+    wmods = dict(wrapped.named_modules())
+    shape = (1, -1, 1, 1)
+    for s, (sa, sc) in coeffs.items():
+        wmods[s].register_forward_hook(
+            lambda _m, _i, y, sa=sa, sc=sc: y * sa.float().view(shape) + sc.float().view(shape)
+        )
+    x = next(iter(loader))[0]
+    torch.testing.assert_close(folded(x), wrapped(x), rtol=1e-4, atol=1e-4)
+
+
+def test_reset_gives_exact_population_statistics() -> None:
+    a, _ = _pair("resnet20", "bn")
+    for m in a.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    loader = _loader()
+    reset = reset_bn_stats(a, loader)
+    names = batchnorm_sites(reset)
+    reset.eval()
+    stats = stream_moments([reset], [names], loader, pre=True)[0]
+    mods = dict(reset.named_modules())
+    for n in names:
+        torch.testing.assert_close(mods[n].running_mean.double(), stats[n].mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(mods[n].running_var.double(), stats[n].var, rtol=1e-4, atol=1e-5)
+
+
+def test_reset_max_samples_uses_only_first_samples() -> None:
+    a, _ = _pair("vgg11", "bn")
+    loader = _loader(n=48)
+    r1 = reset_bn_stats(a, loader, max_samples=20)
+    r2 = reset_bn_stats(a, DataLoader(TensorDataset(loader.dataset.tensors[0][:20]), batch_size=7))
+    for (k, v1), v2 in zip(r1.state_dict().items(), r2.state_dict().values()):
+        torch.testing.assert_close(v1, v2, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_repair_on_batchnorm_net_matches_reset_logits() -> None:
+    a, b = _pair("vgg11", "bn")
+    loader = _loader()
+    a, b = reset_bn_stats(a, loader), reset_bn_stats(b, loader)
+    merged = interpolate_models(a, b, 0.5)
+    repaired = normalize(merged, "repair", loader, refs=[a, b], weights=[0.5, 0.5])
+    reset = normalize(merged, "reset", loader)
+    x = next(iter(loader))[0]
+    out_reset = reset.eval()(x)
+    torch.testing.assert_close(repaired.eval()(x), out_reset, rtol=1e-3, atol=1e-3 * out_reset.abs().max().item())
+
+
+def test_untraceable_model_falls_back_and_still_hits_goals() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2, self.fc = nn.Conv2d(3, 6, 3), nn.Conv2d(6, 6, 3), nn.Linear(6, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 1e9:  # data-dependent control flow defeats torch.fx
+                x = x * 0
+            return self.fc(torch.relu(self.c2(torch.relu(self.c1(x)))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    a, b = Branchy(), Branchy()
+    loader = _loader()
+    merged = interpolate_models(a, b, 0.5)
+    goals = compute_goals([a, b], loader, sites=["c1", "c2"])
+    fixed = affine_correct(merged, goals, loader, eps=1e-10)
+    stats = _site_stats(fixed, ["c1", "c2"], loader)
+    for s in ["c1", "c2"]:
+        torch.testing.assert_close(stats[s].std, goals.std[s], rtol=1e-3, atol=1e-4)
+
+
+def test_repair_adds_bias_to_bias_free_conv_and_ensure_biases_restores_it() -> None:
+    a, b = _pair("resnet20", "ln")
+    loader = _loader()
+    fixed = normalize(interpolate_models(a, b, 0.5), "repair", loader, refs=[a, b])
+    sd = fixed.state_dict()
+    assert "segments.0.0.conv1.bias" in sd and "segments.0.0.conv1.bias" not in a.state_dict()
+    fresh = copy.deepcopy(a)
+    added = ensure_biases(fresh, sd)
+    assert "segments.0.0.conv1" in added
+    fresh.load_state_dict(sd)
+    x = next(iter(loader))[0]
+    torch.testing.assert_close(fresh(x), fixed(x))
+
+
+def test_goals_are_reusable_and_one_reference_and_averaged_goals() -> None:
+    a, b = _pair("vgg11", "none")
+    loader = _loader()
+    sites = default_correction_sites(a)
+    sa, sb = reference_stats([a, b], loader, sites)
+    merged = interpolate_models(a, b, 0.5)
+    via_refs = normalize(merged, "repair", loader, refs=[a, b], weights=[0.5, 0.5])
+    from vf_lightning.repair import combine_goals
+
+    via_goals = normalize(merged, "repair", loader, goals=combine_goals([sa, sb], [0.5, 0.5]))
+    x = next(iter(loader))[0]
+    torch.testing.assert_close(via_refs(x), via_goals(x))
+    one_ref = combine_goals([sa], [1.0])
+    torch.testing.assert_close(one_ref.std[sites[0]], sa.std[sites[0]])
+    avg = one_ref.averaged()
+    assert torch.allclose(avg.std[sites[1]], avg.std[sites[1]].mean().expand_as(avg.std[sites[1]]))
+    assert torch.allclose(avg.mean[sites[1]].abs(), sa.mean[sites[1]].abs().mean().expand(len(avg.mean[sites[1]])))
+
+
+def test_bias_calibration_endpoints_and_power_rule() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="mlp", hidden=(8, 8, 8), image_size=4, in_channels=1)
+    a, b = build_model(cfg), build_model(cfg)
+    for alpha, ref in [(0.0, a), (1.0, b)]:
+        out = bias_calibrate(a, b, alpha)
+        for k, v in out.state_dict().items():
+            torch.testing.assert_close(v, ref.state_dict()[k])
+    half = bias_calibrate(a, b, 0.5).state_dict()
+    sa, sb = a.state_dict(), b.state_dict()
+    bias_keys = [k for k in sa if k.endswith("bias")]
+    for layer, k in enumerate(bias_keys, start=1):
+        torch.testing.assert_close(half[k], 2.0 ** (1 - layer) * (sa[k] + sb[k]) / 2)
+    merged_form = bias_calibrate_merged(interpolate_models(a, b, 0.5)).state_dict()
+    for k in sa:
+        torch.testing.assert_close(merged_form[k], half[k])
+
+
+def test_bias_calibration_refuses_normalized_nets() -> None:
+    a, b = _pair("vgg11", "bn")
+    with pytest.raises(ValueError, match="normalization"):
+        bias_calibrate(a, b, 0.5)
+    with pytest.raises(ValueError, match="normalization"):
+        normalize(a, "bias_calibration")
+
+
+def test_zero_bias_zeroes_conv_and_linear_biases_only() -> None:
+    a, _ = _pair("vgg11", "bn")
+    out = zero_bias(a)
+    for m in out.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            assert m.bias is not None and not m.bias.any()
+    for k, v in out.state_dict().items():
+        if "running" in k or k.startswith("features.1."):
+            assert torch.equal(v, a.state_dict()[k])
+
+
+def test_registry_names_and_unknown_name_error() -> None:
+    assert {"none", "reset", "repair", "rescale", "reshift", "bias_calibration", "zero_bias"} <= set(NORMALIZATIONS)
+    with pytest.raises(ValueError, match="repair"):
+        get_normalization("repiar")
+
+
+def test_auto_rule_picks_by_normalization_layer() -> None:
+    assert auto_normalization(_pair("vgg11", "bn")[0]) == "reset"
+    assert auto_normalization(_pair("resnet20", "ln")[0]) == "repair"
+    assert auto_normalization(_pair("vgg11", "none")[0]) == "rescale"
+
+
+def test_normalization_of_a_model_against_itself_changes_nothing() -> None:
+    a, _ = _pair("resnet20", "ln")
+    loader = _loader()
+    x = next(iter(loader))[0]
+    for name in ("repair", "rescale", "reshift"):
+        out = normalize(a, name, loader, refs=[a], eps=1e-12)
+        torch.testing.assert_close(out(x), a(x), rtol=1e-4, atol=1e-5)
+        loose = normalize(a, name, loader, refs=[a])  # default ε = 1e-5 perturbs only slightly
+        torch.testing.assert_close(loose(x), a(x), rtol=1e-2, atol=1e-3)

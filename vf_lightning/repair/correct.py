@@ -1,0 +1,158 @@
+"""RESET, REPAIR, RESCALE and RESHIFT, estimated exactly and sequentially, folded into the weights.
+
+Every statistic is an exact population mean / variance over the calibration inputs (float64, streamed,
+DDP-reduced), measured in eval mode *after* all corrections and BatchNorm statistics upstream of it were
+fixed. Sites are processed level by level (see :mod:`vf_lightning.repair.sites` for the cost: one
+truncated forward pass per level). With ``max_samples`` the first ``max_samples`` inputs are cached on
+the CPU once, so every pass sees the same data even from a shuffled or augmented loader; without it the
+loader is iterated once per level and must yield the same data each time.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from vf_lightning.repair.fold import fold_affine
+from vf_lightning.repair.goals import Goals
+from vf_lightning.repair.sites import SiteKind, SitePlan, batchnorm_sites, plan_sites
+from vf_lightning.stats import Moments, accumulate_moments, iter_inputs, model_device
+
+AffineMethod = Literal["repair", "rescale", "reshift"]
+OutputHandler = Callable[[str, Moments], "tuple[torch.Tensor, torch.Tensor] | None"]
+
+
+def calibration_inputs(loader: Iterable[object], max_samples: int | None) -> Iterable[object]:
+    """The first ``max_samples`` inputs of ``loader`` as a list of CPU tensors (the loader itself if ``None``)."""
+    if max_samples is None:
+        return loader
+    data = [x.cpu() for x in iter_inputs(loader, "cpu", max_samples)]
+    if not data:
+        raise ValueError("the calibration loader yielded no inputs")
+    return data
+
+
+def _first_input(data: Iterable[object], device: torch.device) -> torch.Tensor:
+    for x in iter_inputs(data, device):
+        return x
+    raise ValueError("the calibration loader yielded no inputs")
+
+
+@torch.no_grad()
+def sequential_estimate(
+    model: nn.Module,
+    kinds: dict[str, SiteKind],
+    data: Iterable[object],
+    on_output: OutputHandler,
+    max_samples: int | None = None,
+) -> SitePlan:
+    """Walk the sites level by level in eval mode: BN sites get exact running stats, output sites go to ``on_output``.
+
+    ``on_output(name, moments)`` returns the per-channel ``(scale, shift)`` it folded into that layer (or
+    ``None`` if it left it unchanged); a BN fed directly by that layer then gets ``a·m + c`` and ``a²·v``.
+    """
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        plan = plan_sites(model, kinds, _first_input(data, device))
+        modules = dict(model.named_modules())
+        for level, runner in zip(plan.levels, plan.runners):
+            outs = [n for n in level if kinds[n] == "output"]
+            bns = [n for n in level if kinds[n] == "bn"]
+            with accumulate_moments(model, outs) as out_m, accumulate_moments(model, bns, pre=True) as bn_m:
+                for x in iter_inputs(data, device, max_samples):
+                    runner(x)
+            for mom in list(out_m.values()) + list(bn_m.values()):
+                mom.all_reduce()
+            for name in bns:
+                _set_bn_stats(modules[name], bn_m[name].mean, bn_m[name].var)
+            for name in outs:
+                mom = out_m[name]
+                ac = on_output(name, mom)
+                a, c = ac if ac is not None else (torch.ones_like(mom.mean), torch.zeros_like(mom.mean))
+                for bn, src in plan.derived.items():
+                    if src == name:
+                        _set_bn_stats(modules[bn], a * mom.mean + c, a * a * mom.var)
+    finally:
+        model.train(was_training)
+    return plan
+
+
+def _set_bn_stats(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> None:
+    rm, rv = bn.running_mean, bn.running_var  # type: ignore[union-attr]
+    assert isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor)
+    rm.copy_(mean.to(device=rm.device, dtype=rm.dtype))
+    rv.copy_(var.to(device=rv.device, dtype=rv.dtype))
+
+
+def reset_bn_stats(
+    model: nn.Module, loader: Iterable[object], max_samples: int | None = None, inplace: bool = False
+) -> nn.Module:
+    """RESET: every BatchNorm's running mean/var set to the exact population statistics of its eval-mode input.
+
+    Layer by layer (upstream BNs already reset and in eval mode); no-op for models without BatchNorm.
+    """
+    out = model if inplace else copy.deepcopy(model)
+    names = batchnorm_sites(out)
+    if not names:
+        return out
+    sequential_estimate(out, dict.fromkeys(names, "bn"), calibration_inputs(loader, max_samples), lambda n, m: None)
+    return out
+
+
+def affine_coefficients(
+    method: AffineMethod, mean: torch.Tensor, var: torch.Tensor, goal_mean: torch.Tensor, goal_std: torch.Tensor,
+    eps: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(a, c)`` with corrected output ``a·x + c`` for REPAIR, RESCALE (c=0) or RESHIFT (a=1)."""
+    goal_mean = goal_mean.to(mean)
+    goal_std = goal_std.to(mean)
+    if method == "reshift":
+        return torch.ones_like(mean), goal_mean - mean
+    a = goal_std / (var + eps).sqrt()
+    if method == "rescale":
+        return a, torch.zeros_like(mean)
+    if method == "repair":
+        return a, goal_mean - a * mean
+    raise ValueError(f"unknown affine correction {method!r}; choose repair, rescale or reshift")
+
+
+def affine_correct(
+    model: nn.Module,
+    goals: Goals,
+    loader: Iterable[object],
+    method: AffineMethod = "repair",
+    sites: Sequence[str] | None = None,
+    max_samples: int | None = None,
+    eps: float = 1e-5,
+    reset_bn: bool = True,
+    inplace: bool = False,
+) -> nn.Module:
+    """REPAIR / RESCALE / RESHIFT the outputs of ``sites`` (default: ``goals.sites``) towards ``goals``, folded in.
+
+    Corrections are estimated sequentially in forward order, each on the model already corrected upstream.
+    With ``reset_bn`` every BatchNorm is also RESET in the same walk (as the reference's RESET pass does);
+    otherwise stale running statistics would undo the correction. Returns a plain model of the same class.
+    """
+    out = model if inplace else copy.deepcopy(model)
+    names = list(sites) if sites is not None else goals.sites
+    missing = [n for n in names if n not in goals.mean]
+    if missing:
+        raise KeyError(f"no goal statistics for site(s) {missing}; compute goals with the same site list")
+    modules = dict(out.named_modules())
+    kinds: dict[str, SiteKind] = dict.fromkeys(names, "output")
+    if reset_bn:
+        kinds.update(dict.fromkeys(batchnorm_sites(out), "bn"))
+
+    def on_output(name: str, mom: Moments) -> tuple[torch.Tensor, torch.Tensor]:
+        a, c = affine_coefficients(method, mom.mean, mom.var, goals.mean[name], goals.std[name], eps)
+        fold_affine(modules[name], a, c)
+        return a, c
+
+    sequential_estimate(out, kinds, calibration_inputs(loader, max_samples), on_output)
+    return out

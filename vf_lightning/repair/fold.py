@@ -1,0 +1,52 @@
+"""Folding per-channel affine corrections into Conv/Linear weights, and recreating biases on load.
+
+A folded correction may give a bias-free conv a new ``bias`` Parameter, so checkpoints of repaired models
+can carry ``*.bias`` keys that a freshly built model lacks; loaders call :func:`ensure_biases` first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from vf_lightning.repair.sites import AFFINE_TYPES
+
+
+@torch.no_grad()
+def fold_affine(module: nn.Module, scale: torch.Tensor, shift: torch.Tensor | None = None) -> None:
+    """Make ``module``'s output ``scale ⊙ y + shift`` per output channel: ``W ← a⊙W``, ``b ← a⊙b + c``.
+
+    A bias-free layer gets a zero-initialized bias Parameter when ``shift`` is non-zero.
+    """
+    if not isinstance(module, AFFINE_TYPES):
+        raise TypeError(f"can only fold into Conv/Linear layers, got {type(module).__name__}")
+    w = module.weight
+    out_ch = w.shape[0]
+    if scale.numel() != out_ch or (shift is not None and shift.numel() != out_ch):
+        raise ValueError(f"{type(module).__name__} has {out_ch} output channels; correction has {scale.numel()}")
+    a = scale.to(device=w.device, dtype=torch.float64)
+    w.copy_((w.to(torch.float64) * a.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype))
+    needs_bias = shift is not None and bool((shift != 0).any())
+    if module.bias is None and needs_bias:
+        module.bias = nn.Parameter(torch.zeros(out_ch, device=w.device, dtype=w.dtype))
+    if module.bias is not None:
+        b = module.bias.to(torch.float64) * a
+        if shift is not None:
+            b = b + shift.to(device=w.device, dtype=torch.float64)
+        module.bias.copy_(b.to(module.bias.dtype))
+
+
+def ensure_biases(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Add zero bias Parameters to Conv/Linear layers without bias whose ``<name>.bias`` is in ``state_dict``.
+
+    Call before ``load_state_dict`` on checkpoints of repaired models; returns the names of the layers changed.
+    """
+    added = []
+    for name, m in model.named_modules():
+        key = f"{name}.bias" if name else "bias"
+        if isinstance(m, AFFINE_TYPES) and m.bias is None and key in state_dict:
+            m.bias = nn.Parameter(torch.zeros(m.weight.shape[0], device=m.weight.device, dtype=m.weight.dtype))
+            added.append(name)
+    return added

@@ -1,0 +1,95 @@
+"""Reference ("goal") statistics for REPAIR-style corrections: per-site channel means and stds.
+
+Statistics of reference models are computed once (one streamed pass for all references) and combined
+per use: interpolated goals ``μ* = Σ wᵢ μᵢ, σ* = Σ wᵢ σᵢ`` (std, not variance, is interpolated), one
+reference (weights ``[1]``), or averaged goals (``average=True``: a per-layer uniform value).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vf_lightning.repair.sites import default_correction_sites
+from vf_lightning.stats import stream_moments
+
+
+@dataclass(frozen=True)
+class Goals:
+    """Per-site float64 channel means and stds (population statistics), keyed by module name."""
+
+    mean: dict[str, torch.Tensor]
+    std: dict[str, torch.Tensor]
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.mean)
+
+    def averaged(self) -> Goals:
+        """Data-independent uniform goals per layer: ``μ ← sign(μ)·mean|μ|``, ``σ ← mean σ`` (method-spec §5.2)."""
+        mean = {k: torch.sign(v) * v.abs().mean() for k, v in self.mean.items()}
+        std = {k: torch.full_like(v, float(v.mean())) for k, v in self.std.items()}
+        return Goals(mean, std)
+
+    def scaled(self, factor: float) -> Goals:
+        """Both goal statistics multiplied by ``factor``."""
+        return Goals({k: v * factor for k, v in self.mean.items()}, {k: v * factor for k, v in self.std.items()})
+
+    def to(self, device: torch.device | str) -> Goals:
+        return Goals({k: v.to(device) for k, v in self.mean.items()}, {k: v.to(device) for k, v in self.std.items()})
+
+
+def reference_stats(
+    models: Sequence[nn.Module],
+    loader: Iterable[object],
+    sites: Sequence[str] | None = None,
+    max_samples: int | None = None,
+) -> list[Goals]:
+    """Output statistics of ``sites`` (default: every Conv/Linear but the last) for each model, in one pass.
+
+    Models run in eval mode (restored afterwards) on the first ``max_samples`` inputs of ``loader``.
+    """
+    if not models:
+        raise ValueError("reference_stats needs at least one reference model")
+    names = list(sites) if sites is not None else default_correction_sites(models[0])
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    try:
+        moments = stream_moments(models, [names] * len(models), loader, max_samples=max_samples)
+    finally:
+        for m, t in zip(models, modes):
+            m.train(t)
+    return [Goals({n: mom[n].mean for n in names}, {n: mom[n].std for n in names}) for mom in moments]
+
+
+def combine_goals(stats: Sequence[Goals], weights: Sequence[float] | None = None) -> Goals:
+    """Weighted goals ``Σ wᵢ μᵢ`` and ``Σ wᵢ σᵢ`` (default uniform weights; ``[1−α, α]`` for a merge at α)."""
+    if not stats:
+        raise ValueError("combine_goals needs at least one set of reference statistics")
+    w = [1.0 / len(stats)] * len(stats) if weights is None else [float(v) for v in weights]
+    if len(w) != len(stats):
+        raise ValueError(f"got {len(w)} weights for {len(stats)} reference statistics")
+    sites = stats[0].sites
+    for s in stats[1:]:
+        if s.sites != sites:
+            raise KeyError("reference statistics cover different sites; compute them with the same site list")
+    mean = {k: sum(wi * s.mean[k] for wi, s in zip(w, stats)) for k in sites}
+    std = {k: sum(wi * s.std[k] for wi, s in zip(w, stats)) for k in sites}
+    return Goals(mean, std)  # type: ignore[arg-type]
+
+
+def compute_goals(
+    refs: Sequence[nn.Module],
+    loader: Iterable[object],
+    weights: Sequence[float] | None = None,
+    sites: Sequence[str] | None = None,
+    max_samples: int | None = None,
+    average: bool = False,
+) -> Goals:
+    """Goals from reference models in one pass: interpolated (``weights``), one reference, or ``average``d."""
+    goals = combine_goals(reference_stats(refs, loader, sites, max_samples), weights)
+    return goals.averaged() if average else goals

@@ -1,0 +1,146 @@
+"""Post-merge / post-prune normalizations registered by name, and the uniform :func:`normalize` entry.
+
+A normalization is ``fn(model, ctx) -> nn.Module`` with a :class:`NormContext` carrying the calibration
+data, reference models or precomputed goals, their weights and the correction sites.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from vf_lightning.repair.bias import bias_calibrate, bias_calibrate_merged, zero_bias
+from vf_lightning.repair.correct import affine_correct, calibration_inputs, reset_bn_stats
+from vf_lightning.repair.goals import Goals, compute_goals
+from vf_lightning.repair.sites import default_correction_sites, has_batchnorm, has_normalization
+
+
+@dataclass
+class NormContext:
+    """Inputs shared by every normalization; ``data`` is already cut to ``max_samples`` and cached."""
+
+    data: Iterable[object] | None
+    refs: Sequence[nn.Module] = ()
+    weights: Sequence[float] | None = None
+    goals: Goals | None = None
+    sites: Sequence[str] | None = None
+    max_samples: int | None = None
+    average: bool = False
+    alpha: float = 0.5
+    eps: float = 1e-5
+
+    def need_data(self, name: str) -> Iterable[object]:
+        if self.data is None:
+            raise ValueError(f"normalization {name!r} needs a calibration loader")
+        return self.data
+
+    def resolve_goals(self, model: nn.Module, name: str) -> Goals:
+        """``goals`` if given, else computed from ``refs`` (one pass) on the calibration data."""
+        if self.goals is not None:
+            return self.goals.averaged() if self.average else self.goals
+        if not self.refs:
+            raise ValueError(f"normalization {name!r} needs reference models (refs=[...]) or precomputed goals")
+        sites = list(self.sites) if self.sites is not None else default_correction_sites(model)
+        return compute_goals(self.refs, self.need_data(name), self.weights, sites, self.max_samples, self.average)
+
+
+Normalization = Callable[[nn.Module, NormContext], nn.Module]
+NORMALIZATIONS: dict[str, Normalization] = {}
+
+
+def register_normalization(name: str) -> Callable[[Normalization], Normalization]:
+    """Register a normalization ``fn(model, ctx) -> nn.Module`` under ``name``."""
+
+    def deco(fn: Normalization) -> Normalization:
+        if name in NORMALIZATIONS:
+            raise ValueError(f"normalization {name!r} is registered twice")
+        NORMALIZATIONS[name] = fn
+        return fn
+
+    return deco
+
+
+def get_normalization(name: str) -> Normalization:
+    """The normalization registered as ``name``; unknown names fail listing the valid ones."""
+    if name not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {name!r}; choose one of {', '.join(sorted(NORMALIZATIONS))}")
+    return NORMALIZATIONS[name]
+
+
+def auto_normalization(model: nn.Module) -> str:
+    """Pruning default: ``reset`` for BatchNorm nets, ``repair`` for LayerNorm nets, ``rescale`` without norms."""
+    if has_batchnorm(model):
+        return "reset"
+    if has_normalization(model):
+        return "repair"
+    return "rescale"
+
+
+@register_normalization("none")
+def _none(model: nn.Module, ctx: NormContext) -> nn.Module:
+    return copy.deepcopy(model)
+
+
+@register_normalization("reset")
+def _reset(model: nn.Module, ctx: NormContext) -> nn.Module:
+    return reset_bn_stats(model, ctx.need_data("reset"), max_samples=ctx.max_samples)
+
+
+def _affine(method: str) -> Normalization:
+    def run(model: nn.Module, ctx: NormContext) -> nn.Module:
+        goals = ctx.resolve_goals(model, method)
+        return affine_correct(
+            model, goals, ctx.need_data(method), method, ctx.sites, ctx.max_samples, ctx.eps  # type: ignore[arg-type]
+        )
+
+    return run
+
+
+for _m in ("repair", "rescale", "reshift"):
+    register_normalization(_m)(_affine(_m))
+
+
+@register_normalization("bias_calibration")
+def _bias_calibration(model: nn.Module, ctx: NormContext) -> nn.Module:
+    """Two references ``[A, B']`` with weights ``[1−α, α]``: endpoint form; no references: merged-model form."""
+    if len(ctx.refs) == 2:
+        alpha = float(ctx.weights[1]) if ctx.weights is not None else ctx.alpha
+        return bias_calibrate(ctx.refs[0], ctx.refs[1], alpha)
+    if ctx.refs:
+        raise ValueError(f"bias_calibration takes two endpoint models or none, got {len(ctx.refs)}")
+    return bias_calibrate_merged(model, ctx.alpha)
+
+
+@register_normalization("zero_bias")
+def _zero_bias(model: nn.Module, ctx: NormContext) -> nn.Module:
+    return zero_bias(model)
+
+
+def normalize(
+    model: nn.Module,
+    name: str,
+    loader: Iterable[object] | None = None,
+    refs: Sequence[nn.Module] = (),
+    weights: Sequence[float] | None = None,
+    max_samples: int | None = None,
+    sites: Sequence[str] | None = None,
+    goals: Goals | None = None,
+    average: bool = False,
+    alpha: float = 0.5,
+    eps: float = 1e-5,
+) -> nn.Module:
+    """Apply normalization ``name`` (or ``auto``) to a merged or pruned model; returns a new plain model.
+
+    ``refs``/``weights`` give the goal statistics (``[A, B']`` with ``[1−α, α]`` for a merge, ``[dense]`` for
+    pruning); pass ``goals`` to reuse precomputed ones. ``average`` selects averaged goals; ``alpha`` is the
+    merge coefficient for ``bias_calibration`` without references; ``eps`` is REPAIR/RESCALE's ``√(v+ε)``.
+    """
+    if name == "auto":
+        name = auto_normalization(model)
+    fn = get_normalization(name)
+    data = calibration_inputs(loader, max_samples) if loader is not None else None
+    ctx = NormContext(data, refs, weights, goals, sites, max_samples, average, alpha, eps)
+    return fn(model, ctx)

@@ -1,0 +1,161 @@
+"""The public ``align`` entry and the registry of matching methods (identity | weight | activation | zip | cca)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from vf_lightning.align.permute import check_compatible, check_spec_matches, identity_perms
+from vf_lightning.align.results import AlignmentResult, GroupTransform
+from vf_lightning.align.spec import PermutationSpec, build_permutation_spec
+from vf_lightning.align.statistics import GroupStats, activation_statistics, cross_correlation
+from vf_lightning.align.transforms import cca_transform, zipit_transform
+from vf_lightning.align.weight_matching import solve_lap, weight_matching
+from vf_lightning.stats import Moments, batch_inputs, model_device
+
+
+class Matcher(Protocol):
+    """A matching method: ``fn(model_a, model_b, spec, loader, **opts) -> AlignmentResult``."""
+
+    def __call__(self, model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
+                 loader: Iterable[object] | None, **opts: Any) -> AlignmentResult: ...
+
+
+MATCHERS: dict[str, Matcher] = {}
+
+
+def register_matcher(name: str) -> Callable[[Matcher], Matcher]:
+    """Register a matching method under ``name`` (usable from configs and :func:`align`)."""
+
+    def deco(fn: Matcher) -> Matcher:
+        if name in MATCHERS:
+            raise ValueError(f"matcher {name!r} is registered twice")
+        MATCHERS[name] = fn
+        return fn
+
+    return deco
+
+
+def available_matchers() -> list[str]:
+    """Names accepted by :func:`align`'s ``method``."""
+    return sorted(MATCHERS)
+
+
+def get_matcher(method: str) -> Matcher:
+    """The registered matcher, or a ``ValueError`` listing the valid names."""
+    if method not in MATCHERS:
+        raise ValueError(f"unknown matching method {method!r}; choose one of {', '.join(available_matchers())}")
+    return MATCHERS[method]
+
+
+def _need_loader(method: str, loader: Iterable[object] | None) -> Iterable[object]:
+    if loader is None:
+        raise ValueError(f"matching {method!r} needs a calibration loader (loader=...)")
+    return loader
+
+
+@register_matcher("identity")
+def identity_matching(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
+                      loader: Iterable[object] | None = None, **_: Any) -> AlignmentResult:
+    """No alignment: identity permutations (plain weight averaging)."""
+    return AlignmentResult(method="identity", spec=spec, perms=identity_perms(spec))
+
+
+@register_matcher("weight")
+def weight_matcher(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
+                   loader: Iterable[object] | None = None, max_sweeps: int = 100, tol: float = 1e-12,
+                   seed: int = 0, **_: Any) -> AlignmentResult:
+    """Git Re-Basin weight matching on the two state dicts (see :func:`weight_matching`)."""
+    return weight_matching(spec, model_a.state_dict(), model_b.state_dict(), max_sweeps=max_sweeps, tol=tol,
+                           seed=seed)
+
+
+def perms_from_stats(stats: GroupStats) -> dict[str, torch.Tensor]:
+    """One LAP per group on the A-vs-B correlation: ``perm[i]`` = unit of B matched to unit ``i`` of A."""
+    return {name: solve_lap(cross_correlation(st)) for name, st in stats.items()}
+
+
+@register_matcher("activation")
+def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
+                        loader: Iterable[object] | None = None, max_samples: int | None = None,
+                        stats: GroupStats | None = None, **_: Any) -> AlignmentResult:
+    """Activation matching: correlations of post-activation features from one pass, one LAP per group."""
+    if stats is None:
+        stats = activation_statistics(model_a, model_b, spec, _need_loader("activation", loader),
+                                      max_samples=max_samples)
+    perms = perms_from_stats(stats)
+    objective = float(sum(cross_correlation(stats[k])[torch.arange(p.numel()), p].sum() for k, p in perms.items()))
+    return AlignmentResult(method="activation", spec=spec, perms=perms, objective=objective, sweeps=1)
+
+
+def _full_stats(method: str, model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
+                loader: Iterable[object] | None, max_samples: int | None, stats: GroupStats | None) -> GroupStats:
+    if stats is None:
+        return activation_statistics(model_a, model_b, spec, _need_loader(method, loader), full=True,
+                                     max_samples=max_samples)
+    if not all(isinstance(s, Moments) for s in stats.values()):
+        raise ValueError(f"matching {method!r} needs full 2C×2C statistics: activation_statistics(..., full=True)")
+    return stats
+
+
+@register_matcher("zip")
+def zip_matching(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
+                 loader: Iterable[object] | None = None, a: float = 0.3, b: float = 0.125,
+                 max_samples: int | None = None, stats: GroupStats | None = None, **_: Any) -> AlignmentResult:
+    """ZipIt! merge / unmerge matrices per group from the joint correlation (a=0.3, b=0.125)."""
+    stats = _full_stats("zip", model_a, model_b, spec, loader, max_samples, stats)
+    tr = {name: zipit_transform(st.cov(), a=a, b=b) for name, st in stats.items()}  # type: ignore[union-attr]
+    return AlignmentResult(method="zip", spec=spec, transforms_=tr)
+
+
+@register_matcher("cca")
+def cca_matching(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
+                 loader: Iterable[object] | None = None, gamma: float = 0.1, max_samples: int | None = None,
+                 stats: GroupStats | None = None, **_: Any) -> AlignmentResult:
+    """Regularised CCA merge / unmerge matrices per group (γ = 0.1)."""
+    stats = _full_stats("cca", model_a, model_b, spec, loader, max_samples, stats)
+    tr: dict[str, GroupTransform] = {name: cca_transform(st.cov(), gamma=gamma)  # type: ignore[union-attr]
+                                     for name, st in stats.items()}
+    return AlignmentResult(method="cca", spec=spec, transforms_=tr)
+
+
+def example_from_loader(loader: Iterable[object], device: torch.device, n: int = 2) -> torch.Tensor:
+    """The first ``n`` inputs of ``loader`` (used to trace the model when no example input is given)."""
+    for batch in loader:
+        return batch_inputs(batch)[:n].to(device)
+    raise ValueError("the loader is empty; cannot take an example input from it")
+
+
+def align(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    method: str,
+    loader: Iterable[object] | None = None,
+    example_input: torch.Tensor | None = None,
+    spec: PermutationSpec | None = None,
+    **opts: Any,
+) -> AlignmentResult:
+    """Align ``model_b`` to ``model_a`` with a registered ``method`` (identity | weight | activation | zip | cca).
+
+    The spec is traced from ``model_a`` on ``example_input`` (or the loader's first batch) unless given.
+    Models of different architectures or widths are refused before any work.
+    """
+    matcher = get_matcher(method)
+    check_compatible(model_a, model_b)
+    t0 = time.perf_counter()
+    if spec is None:
+        if example_input is None:
+            if loader is None:
+                raise ValueError("align needs example_input (or a loader) to trace the permutation spec")
+            example_input = example_from_loader(loader, model_device(model_a))
+        spec = build_permutation_spec(model_a, example_input)
+    else:
+        check_spec_matches(spec, model_a)
+    result = matcher(model_a, model_b, spec, loader, **opts)
+    return AlignmentResult(method=result.method, spec=result.spec, perms=result.perms,
+                           transforms_=result.transforms_, objective=result.objective, sweeps=result.sweeps,
+                           seconds=time.perf_counter() - t0, history=result.history)

@@ -42,6 +42,12 @@ def prunable_modules(
     return [(n, m) for n, m in chosen if n not in set(exclude)]
 
 
+def _weight(m: nn.Module) -> torch.Tensor:
+    w = m.weight
+    assert isinstance(w, torch.Tensor)
+    return w
+
+
 @dataclass
 class PruneContext:
     """Data for data-dependent pruners (``diag_fisher``): a labelled loader and how many samples to use."""
@@ -76,7 +82,7 @@ def get_pruner(name: str) -> Pruner:
 
 @register_pruner("global_magnitude")
 def _global_magnitude(model: nn.Module, modules: Modules, sparsity: float, ctx: PruneContext) -> None:
-    total = sum(m.weight.numel() for _, m in modules)  # type: ignore[union-attr]
+    total = sum(_weight(m).numel() for _, m in modules)
     prune.global_unstructured(
         [(m, "weight") for _, m in modules], pruning_method=prune.L1Unstructured, amount=round(sparsity * total)
     )
@@ -85,7 +91,7 @@ def _global_magnitude(model: nn.Module, modules: Modules, sparsity: float, ctx: 
 @register_pruner("layerwise_magnitude")
 def _layerwise_magnitude(model: nn.Module, modules: Modules, sparsity: float, ctx: PruneContext) -> None:
     for _, m in modules:
-        prune.l1_unstructured(m, "weight", amount=round(sparsity * m.weight.numel()))  # type: ignore[union-attr]
+        prune.l1_unstructured(m, "weight", amount=round(sparsity * _weight(m).numel()))
 
 
 def diag_fisher(model: nn.Module, modules: Modules, ctx: PruneContext) -> dict[str, torch.Tensor]:
@@ -136,7 +142,7 @@ def _diag_fisher(model: nn.Module, modules: Modules, sparsity: float, ctx: Prune
     """Layer-wise threshold on the saliency ``w²·F_ii`` (diagonal empirical Fisher)."""
     fisher = diag_fisher(model, modules, ctx)
     for name, m in modules:
-        w = m.weight.detach()  # type: ignore[union-attr]
+        w = _weight(m).detach()
         scores = w.pow(2) * fisher[name]
         prune.l1_unstructured(m, "weight", amount=round(sparsity * w.numel()), importance_scores=scores)
 
@@ -172,8 +178,8 @@ def sparsity_report(
     """Achieved sparsity: ``{"global", "zeros", "total", "layers": {name: fraction}}`` over the selected weights."""
     layers, zeros, total = {}, 0, 0
     for name, m in prunable_modules(model, include, exclude):
-        w = m.weight  # type: ignore[union-attr]
-        z = int((w == 0).sum())
+        w = _weight(m)
+        z = int((w == 0).sum().item())
         layers[name] = z / w.numel()
         zeros += z
         total += w.numel()

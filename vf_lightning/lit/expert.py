@@ -1,0 +1,131 @@
+"""Task experts: a zoo network whose body starts from a foundation checkpoint, with a fresh head for the task.
+
+Training is LP-FT (nonlocal-spec §1.3): the first ``probe_epochs`` train only the head (the body runs under
+``no_grad``, so it gets no gradient and no weight decay), then everything is fine-tuned. At the end of fit
+the expert is exported as a standalone model checkpoint whose ``meta`` names its task, classes and
+foundation, which is what ``vf merge`` (``mode: multitask``) reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vf_lightning.checkpoint import CheckpointError, save_model_checkpoint
+from vf_lightning.lit.modules import ClassifierModule
+from vf_lightning.lit.optim import OptimConfig, ScheduleConfig
+from vf_lightning.models import ModelConfig
+from vf_lightning.multitask.network import head_name
+
+
+def foundation_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """Weights of a foundation: a vf model checkpoint (``state_dict``) or a ClassifierModule ``.ckpt`` (``net.*``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(
+            f"foundation checkpoint {str(p)!r} does not exist; train it first "
+            "(e.g. `vf fit --config configs/fit/fmnist_foundation_a.yaml`)"
+        )
+    obj = torch.load(p, map_location="cpu", weights_only=True)
+    if obj.get("format") == "vf-model":
+        return dict(obj["state_dict"])
+    sd = obj.get("state_dict") or {}
+    net = {k[len("net.") :]: v for k, v in sd.items() if k.startswith("net.")}
+    if not net:
+        raise CheckpointError(
+            f"{str(path)!r} holds neither a vf model checkpoint nor a ClassifierModule checkpoint "
+            "(net.* weights); train the foundation with configs/fit/*_foundation_*.yaml"
+        )
+    return net
+
+
+_DEFAULT_OPTIM = OptimConfig()
+_DEFAULT_SCHEDULE = ScheduleConfig()
+
+
+class ExpertModule(ClassifierModule):
+    """Fine-tune a foundation's body with a new ``net.num_classes``-way head on one task (LP-FT).
+
+    Args:
+        net: the architecture (as the foundation's, with ``num_classes`` = the task's classes).
+        foundation: checkpoint of the foundation (vf model checkpoint or ClassifierModule ``.ckpt``).
+        foundation_name: label stored with the expert (experts of one foundation share it, e.g. ``a``).
+        task: task name; classes: the original labels of the task (stored for the merge command).
+        probe_epochs: epochs that train only the head before full fine-tuning.
+        export_path: where the standalone expert checkpoint is written at the end of fit.
+    """
+
+    def __init__(
+        self,
+        net: ModelConfig,
+        foundation: str,
+        foundation_name: str = "a",
+        task: str = "task",
+        classes: list[int] | None = None,
+        probe_epochs: int = 0,
+        export_path: str | None = None,
+        optim: OptimConfig = _DEFAULT_OPTIM,
+        schedule: ScheduleConfig = _DEFAULT_SCHEDULE,
+        seed: int | None = None,
+        compile: bool = False,
+        channels_last: bool | None = None,
+    ) -> None:
+        super().__init__(net, optim, schedule, seed, compile, channels_last)
+        extra = {"foundation": foundation, "foundation_name": foundation_name, "task": task}
+        self.save_hyperparameters(
+            {
+                **dict(self.hparams),
+                **extra,
+                "classes": classes,
+                "probe_epochs": probe_epochs,
+                "export_path": export_path,
+            }
+        )
+        self.head = head_name(self.net)
+        state = foundation_state(foundation)
+        body = {k: v for k, v in state.items() if not k.startswith(self.head + ".")}
+        result = self.net.load_state_dict(body, strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith(self.head + ".")]
+        if missing or result.unexpected_keys:
+            raise CheckpointError(
+                f"foundation {foundation!r} does not fit architecture {self.net_config.arch!r} "
+                f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
+            )
+        self.probe_epochs = probe_epochs
+        self.export_path = export_path
+        self.task = task
+        self.classes = classes
+        self.foundation_name = foundation_name
+
+    def _probing(self) -> bool:
+        return self._trainer is not None and self.training and self.current_epoch < self.probe_epochs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._probing():
+            return super().forward(x)
+        head = dict(self.net.named_modules())[self.head]
+        feats: dict[str, torch.Tensor] = {}
+        handle = head.register_forward_pre_hook(lambda _m, inp: feats.__setitem__("z", inp[0]))
+        try:
+            with torch.no_grad():
+                self.net(x)
+        finally:
+            handle.remove()
+        return head(feats["z"].detach())
+
+    def export_expert(self, path: str | Path) -> Path:
+        """Write the expert as a standalone model checkpoint with its task metadata."""
+        meta: dict[str, Any] = {
+            "source": "ExpertModule",
+            "task": self.task,
+            "classes": self.classes,
+            "foundation": self.foundation_name,
+            "foundation_path": self.hparams.foundation,
+        }
+        return save_model_checkpoint(self.net, self.net_config, path, meta=meta)
+
+    def on_fit_end(self) -> None:
+        if self.export_path and self.trainer.is_global_zero:
+            self.export_expert(self.export_path)

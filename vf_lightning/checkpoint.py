@@ -28,7 +28,13 @@ def save_model_checkpoint(
 ) -> Path:
     """Write ``model``'s weights with the config that rebuilds it (atomic: temp file, then rename)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    payload = {"format": FORMAT, "version": 1, "model_config": config.to_dict(), "state_dict": state, "meta": meta or {}}
+    payload = {
+        "format": FORMAT,
+        "version": 1,
+        "model_config": config.to_dict(),
+        "state_dict": state,
+        "meta": meta or {},
+    }
     return atomic_torch_save(payload, path)
 
 

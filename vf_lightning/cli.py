@@ -29,6 +29,14 @@ class VFLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.add_argument("--run_name", type=str, default=None, help="name of the run (informational)")
 
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer; a bad value becomes a one-line usage error, not a traceback."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as e:
+            parser = self._parser(self.subcommand)
+            parser.error(f"invalid configuration: {e}".split("\nGiven value")[0])
+
 
 def fit_cli(args: Sequence[str]) -> None:
     """Run the LightningCLI for ``fit``/``validate``/``test``/``predict``."""

@@ -47,5 +47,10 @@ class WandbLogger(_LightningWandbLogger):
     ) -> None:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         super().__init__(
-            name=name, save_dir=save_dir, project=project, offline=resolve_offline(offline), log_model=log_model, **kwargs
+            name=name,
+            save_dir=save_dir,
+            project=project,
+            offline=resolve_offline(offline),
+            log_model=log_model,
+            **kwargs,
         )

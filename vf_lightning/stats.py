@@ -212,9 +212,7 @@ def site_moments(
 
 
 @contextmanager
-def accumulate_moments(
-    model: nn.Module, names: Sequence[str], pre: bool = False
-) -> Iterator[dict[str, Moments]]:
+def accumulate_moments(model: nn.Module, names: Sequence[str], pre: bool = False) -> Iterator[dict[str, Moments]]:
     """While active, add the outputs (``pre=True``: first inputs) of the named submodules into per-site Moments.
 
     Activations are read inside the hook, the moment they are produced, so later in-place ops (e.g. a conv

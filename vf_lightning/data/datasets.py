@@ -30,7 +30,9 @@ class TensorImageDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         if images.dim() == 3:
             images = images.unsqueeze(1)
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"TensorImageDataset expects uint8 N×C×H×W images, got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(
+                f"TensorImageDataset expects uint8 N×C×H×W images, got {images.dtype} {tuple(images.shape)}"
+            )
         self.images = images
         self.labels = labels.long()
         c = images.shape[1]

@@ -182,8 +182,12 @@ class PairModule(BaseModule):
         """Write ``net_a.pt`` and ``net_b.pt`` (standalone model checkpoints) into ``out_dir``."""
         out = Path(out_dir)
         meta = {"source": "PairModule", "epoch": int(self.current_epoch) if self._trainer is not None else None}
-        pa = save_model_checkpoint(self.net_a, self.net_config, out / "net_a.pt", meta={**meta, "seed": self.hparams.seed_a})
-        pb = save_model_checkpoint(self.net_b, self.net_config, out / "net_b.pt", meta={**meta, "seed": self.hparams.seed_b})
+        pa = save_model_checkpoint(
+            self.net_a, self.net_config, out / "net_a.pt", meta={**meta, "seed": self.hparams.seed_a}
+        )
+        pb = save_model_checkpoint(
+            self.net_b, self.net_config, out / "net_b.pt", meta={**meta, "seed": self.hparams.seed_b}
+        )
         return pa, pb
 
     def on_fit_end(self) -> None:

@@ -50,20 +50,27 @@ class ScheduleConfig:
 
 
 class LRFactor:
-    """Picklable multiplicative LR factor as a function of the iteration (for ``LambdaLR``)."""
+    """Multiplicative LR factor as a function of the iteration (for ``LambdaLR``).
+
+    Holds only plain values: ``LambdaLR.state_dict`` stores this object's ``__dict__`` in checkpoints,
+    which must stay loadable with ``weights_only=True``.
+    """
 
     def __init__(self, cfg: ScheduleConfig, total_iters: int) -> None:
-        self.cfg = cfg
-        self.total = total_iters
+        self.kind = cfg.kind
+        self.milestones = [int(m) for m in cfg.milestones]
+        self.gamma = float(cfg.gamma)
+        self.warmup = int(cfg.warmup_iters) if cfg.kind in ("warmup_milestones", "warmup_cosine") else 0
+        self.warmup_start = float(cfg.warmup_start)
+        self.total = int(total_iters)
 
     def __call__(self, it: int) -> float:
-        c = self.cfg
-        warm = c.warmup_iters if c.kind in ("warmup_milestones", "warmup_cosine") else 0
+        warm = self.warmup
         if it < warm:
-            return c.warmup_start + (1.0 - c.warmup_start) * it / warm
-        if c.kind in ("milestones", "warmup_milestones"):
-            return c.gamma ** sum(1 for m in c.milestones if m <= it)
-        if c.kind == "warmup_cosine":
+            return self.warmup_start + (1.0 - self.warmup_start) * it / warm
+        if self.kind in ("milestones", "warmup_milestones"):
+            return self.gamma ** sum(1 for m in self.milestones if m <= it)
+        if self.kind == "warmup_cosine":
             decay = max(1, self.total - warm)
             t = min(it - warm, decay)
             return 0.5 * (1.0 + math.cos(math.pi * t / decay))

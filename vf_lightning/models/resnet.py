@@ -94,7 +94,9 @@ class CifarResNet(nn.Module):
             blocks: list[nn.Module] = []
             for b in range(n):
                 down = s > 0 and b == 0
-                blocks.append(FixupBlock(c_in, c_out, down) if self.fixup else Block(c_in, c_out, down, norm, conv_bias))
+                blocks.append(
+                    FixupBlock(c_in, c_out, down) if self.fixup else Block(c_in, c_out, down, norm, conv_bias)
+                )
                 c_in = c_out
             segments.append(nn.Sequential(*blocks))
         self.segments = nn.Sequential(*segments)

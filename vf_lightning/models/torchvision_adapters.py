@@ -44,6 +44,6 @@ def remap_torchvision_vgg_state_dict(state: Mapping[str, torch.Tensor]) -> dict[
     for k, v in state.items():
         for old, new in remap.items():
             if k.startswith(old):
-                k = new + k[len(old):]
+                k = new + k[len(old) :]
         out[k] = v
     return out

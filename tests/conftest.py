@@ -1,0 +1,32 @@
+"""Shared fixtures: offline W&B, small thread counts, the Fashion-MNIST location."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = Path(__file__).resolve().parents[1]
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+def fmnist_available() -> bool:
+    return (FMNIST_DIR / "train-images-idx3-ubyte.gz").is_file() or bool(os.environ.get("VF_DATA_DIR"))
+
+
+@pytest.fixture
+def fmnist() -> Path:
+    if not fmnist_available():
+        pytest.fail("Fashion-MNIST is missing: run `make data` (installs Debian's dataset-fashion-mnist)")
+    return FMNIST_DIR
+
+
+@pytest.fixture
+def repo() -> Path:
+    return REPO

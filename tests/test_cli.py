@@ -1,0 +1,74 @@
+"""The `vf` command: every fit config parses, bad configs fail naming the problem, W&B offline runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vf_lightning.cli import main
+
+FIT_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "fit").glob("*.yaml"))
+
+
+def test_vf_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("fit", "merge", "prune"):
+        assert f"  {cmd}" in out
+
+
+@pytest.mark.parametrize("config", FIT_CONFIGS, ids=lambda p: p.stem)
+def test_print_config_works_for_every_fit_config(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "class_path: vf_lightning.lit." in out and "arch:" in out
+
+
+def _fails(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code not in (0, None)
+    return capsys.readouterr().err
+
+
+def test_unknown_model_fails_naming_it(capsys: pytest.CaptureFixture[str], repo: Path) -> None:
+    cfg = str(repo / "configs/fit/fmnist_vgg_pair.yaml")
+    err = _fails(["fit", "--config", cfg, "--model.init_args.net.arch", "vgg99", "--trainer.max_epochs", "0"], capsys)
+    assert "unknown model arch 'vgg99'" in err
+
+
+def test_wrong_type_fails_naming_the_key(capsys: pytest.CaptureFixture[str], repo: Path) -> None:
+    cfg = str(repo / "configs/fit/fmnist_vgg_pair.yaml")
+    err = _fails(["fit", "--config", cfg, "--model.init_args.net.width", "wide", "--print_config"], capsys)
+    assert "net.width" in err and "wide" in err
+
+
+def test_fit_writes_an_offline_wandb_run_with_the_metric_names(
+    tmp_path: Path, repo: Path, fmnist: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.chdir(tmp_path)
+    main([
+        "fit", "--config", str(repo / "configs/fit/fmnist_mlp_pair.yaml"),
+        "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+        "--trainer.log_every_n_steps", "2",
+        "--data.init_args.train_subset", "512", "--data.init_args.val_subset", "256",
+        "--data.init_args.num_workers", "0",
+        "--model.init_args.export_dir", str(tmp_path / "export"),
+    ])  # fmt: skip
+    wandb.finish()
+    runs = list((tmp_path / "outputs/fmnist_mlp_pair/wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    # the offline run's record file (what `wandb sync` uploads) holds the metric names and the config
+    record = next(runs[0].glob("run-*.wandb")).read_bytes()
+    for key in ("val/acc_a", "val/acc_b", "train/loss_a", "train/loss_b", "val/acc5_a"):
+        assert key.encode() in record
+    assert b"seed_a" in record and b"weight_decay" in record  # hyper-parameters saved with the run
+    csv = next((tmp_path / "outputs/fmnist_mlp_pair/csv").rglob("metrics.csv")).read_text().splitlines()[0]
+    assert "val/acc_a" in csv
+    assert (tmp_path / "export/net_a.pt").is_file() and (tmp_path / "export/net_b.pt").is_file()

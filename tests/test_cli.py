@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,10 @@ def test_fit_writes_an_offline_wandb_run_with_the_metric_names(
     runs = list((tmp_path / "outputs/fmnist_mlp_pair/wandb").glob("offline-run-*"))
     assert len(runs) == 1
     # the offline run's record file (what `wandb sync` uploads) holds the metric names and the config
-    record = next(runs[0].glob("run-*.wandb")).read_bytes()
+    record_file = next(runs[0].glob("run-*.wandb"))
+    deadline = time.monotonic() + 30  # the W&B service flushes the record file asynchronously
+    while b"val/acc_b" not in (record := record_file.read_bytes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
     for key in ("val/acc_a", "val/acc_b", "train/loss_a", "train/loss_b", "val/acc5_a"):
         assert key.encode() in record
     assert b"seed_a" in record and b"weight_decay" in record  # hyper-parameters saved with the run

@@ -40,6 +40,11 @@ def _loader(n: int = 48, shape: tuple[int, ...] = (3, 16, 16), bs: int = 16, see
     return DataLoader(TensorDataset(x, y), batch_size=bs)
 
 
+def _small(arch: str) -> DataLoader:
+    """Calibration data sized for ``arch``: ResNets take any size, so they get 8×8 inputs to keep tests fast."""
+    return _loader(shape=(3, 8, 8)) if arch.startswith("resnet") else _loader()
+
+
 def _pair(arch: str = "vgg11", norm: str = "none", bias: bool = True, **kw: object) -> tuple[nn.Module, nn.Module]:
     cfg = ModelConfig(arch=arch, norm=norm, width=0.125, image_size=16, bias=bias, init="vgg_init", **kw)  # type: ignore[arg-type]
     torch.manual_seed(1)
@@ -57,7 +62,7 @@ def _site_stats(model: nn.Module, sites: list[str], loader: DataLoader) -> dict:
 @pytest.mark.parametrize("arch,norm", [("vgg11", "none"), ("resnet20", "ln")])
 def test_repair_hits_goal_mean_and_std_per_channel(arch: str, norm: str) -> None:
     a, b = _pair(arch, norm)
-    loader = _loader()
+    loader = _small(arch)
     merged = interpolate_models(a, b, 0.5)
     sites = default_correction_sites(merged)
     goals = compute_goals([a, b], loader, [0.5, 0.5], sites)
@@ -109,7 +114,7 @@ def test_fold_affine_equals_explicit_affine_after_layer(module: nn.Module) -> No
 
 def test_folded_model_equals_unfolded_correction_hooks() -> None:
     a, b = _pair("resnet20", "ln")
-    loader = _loader()
+    loader = _small("resnet20")
     merged = interpolate_models(a, b, 0.5)
     sites = default_correction_sites(merged)
     goals = compute_goals([a, b], loader, None, sites)
@@ -141,7 +146,7 @@ def test_reset_gives_exact_population_statistics() -> None:
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-1, 1)
             m.running_var.uniform_(0.5, 2)
-    loader = _loader()
+    loader = _small("resnet20")
     reset = reset_bn_stats(a, loader)
     names = batchnorm_sites(reset)
     reset.eval()
@@ -197,7 +202,7 @@ def test_untraceable_model_falls_back_and_still_hits_goals() -> None:
 
 def test_repair_adds_bias_to_bias_free_conv_and_ensure_biases_restores_it() -> None:
     a, b = _pair("resnet20", "ln")
-    loader = _loader()
+    loader = _small("resnet20")
     fixed = normalize(interpolate_models(a, b, 0.5), "repair", loader, refs=[a, b])
     sd = fixed.state_dict()
     assert "segments.0.0.conv1.bias" in sd and "segments.0.0.conv1.bias" not in a.state_dict()
@@ -211,7 +216,7 @@ def test_repair_adds_bias_to_bias_free_conv_and_ensure_biases_restores_it() -> N
 
 def test_goals_are_reusable_and_one_reference_and_averaged_goals() -> None:
     a, b = _pair("vgg11", "none")
-    loader = _loader()
+    loader = _loader(n=32)
     sites = default_correction_sites(a)
     sa, sb = reference_stats([a, b], loader, sites)
     merged = interpolate_models(a, b, 0.5)
@@ -278,11 +283,11 @@ def test_auto_rule_picks_by_normalization_layer() -> None:
 
 
 def test_normalization_of_a_model_against_itself_changes_nothing() -> None:
-    a, _ = _pair("resnet20", "ln")
-    loader = _loader()
+    a, _ = _pair("vgg11", "ln")
+    loader = _loader(n=32)
     x = next(iter(loader))[0]
     for name in ("repair", "rescale", "reshift"):
         out = normalize(a, name, loader, refs=[a], eps=1e-12)
         torch.testing.assert_close(out(x), a(x), rtol=1e-4, atol=1e-5)
-        loose = normalize(a, name, loader, refs=[a])  # default ε = 1e-5 perturbs only slightly
-        torch.testing.assert_close(loose(x), a(x), rtol=1e-2, atol=1e-3)
+    loose = normalize(a, "repair", loader, refs=[a])  # default ε = 1e-5 perturbs only slightly
+    torch.testing.assert_close(loose(x), a(x), rtol=1e-2, atol=1e-3)

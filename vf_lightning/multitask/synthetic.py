@@ -119,3 +119,40 @@ def build_setting(
         experts.append(Expert(task.name, ecfg, {k: v.detach().clone() for k, v in net.state_dict().items()},
                               foundation=foundations[src].name))
     return SyntheticSetting(tasks, foundations, experts)
+
+
+def results_table(seed: int = 0, local: bool = False) -> list[str]:
+    """Markdown rows: mean normalized accuracy (none / REPAIR / TACT) and mean VR per layer for TA, TIES, TALL."""
+    from vf_lightning.multitask.alignment import align_through_foundations, unaligned_anchor
+    from vf_lightning.multitask.pipeline import TaskData, batches, prepare, run_variant
+
+    s = build_setting(seed, local=local)
+    tasks = [TaskData(t.name, [t.x_train[:1000]], batches(t.x_train[1000:], t.y_train[1000:]),
+                      batches(t.x_test, t.y_test)) for t in s.tasks]
+    rows = []
+    for aligned in [False] if local else [True, False]:
+        if aligned:
+            al = align_through_foundations(s.foundations[0], s.foundations[1], s.experts, s.tasks[0].x_train[:8])
+            anchor, experts = al.anchor, al.experts
+        else:
+            anchor, experts = unaligned_anchor(s.foundations[:1] if local else s.foundations), s.experts
+        prep = prepare(anchor, experts, tasks)
+        for method in ("task_arithmetic", "ties", "tall"):
+            r = {c: run_variant(prep, tasks, method, c) for c in ("none", "repair", "tact")}  # type: ignore[arg-type]
+
+            def vr(c: str, r: dict = r, layers: int = len(prep.sites)) -> str:  # type: ignore[type-arg]
+                n = len(r[c].variance_ratio)
+                return " / ".join(f"{sum(v[i] for v in r[c].variance_ratio) / n:.2f}" for i in range(layers))
+
+            rows.append(f"| {'local' if local else 'non-local'} | {'yes' if aligned else 'no'} | {method} | "
+                        f"{r['none'].mean_normalized:.3f} | {r['repair'].mean_normalized:.3f} | "
+                        f"{r['tact'].mean_normalized:.3f} | {vr('none')} → {vr('tact')} |")
+            print(rows[-1], flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+
+    torch.set_num_threads(1)
+    results_table(int(sys.argv[1]) if len(sys.argv) > 1 else 0, local="--local" in sys.argv)

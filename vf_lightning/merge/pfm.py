@@ -1,0 +1,582 @@
+"""Preserve-First Merging (method-spec §7): keep the first layers of both models, merge the rest.
+
+Layers and positions come from the traced permutation spec, never from module names. Every group of the
+spec is one feature space; groups are ordered by the forward position of their last writer (conv/linear or
+norm), which puts a residual stream after the blocks that write into it (ZipIt's PREFIX order). With ``k``
+preserved layers (``1 ≤ k ≤ n_groups + 1``) the first ``k − 1`` groups stay *unmerged*; the model input
+counts as unmerged and the model output as merged. A conv/linear whose output space is merged but whose
+input is not is a *transition*. ``k = 0`` is the full merge (identical to ``k = 1``, whose only transition
+reads the input), ``k = n_groups + 1`` is the ensemble (the transition is the classifier).
+
+:class:`PFMModel` is explicit: ``a`` / ``b`` are the two transformed base models cut after the transitions
+(only what those need runs; a residual base keeps its own stream as far as its preserved blocks need it),
+``merged`` is the merged model from the transitions on. At each transition ``T`` the outputs of both
+transformed bases, ``M_A·T_A(h_A)`` and ``M_B·T_B(h_B)`` (already in the merged basis), are averaged by a
+*mixer* registered under ``T``'s name in ``merged``: a grouped 1×1 convolution over the interleaved pair
+with weights ``(½, ½)`` per channel (``2C`` parameters; the reference's "merge acts" cost). Because the
+mixer is an ordinary Conv layer, RESET / REPAIR / RESCALE measure, correct and fold the transition output
+like any other layer of the merged part, without touching the base models. For residual nets the merged
+stream of the preserved part is rebuilt by the merged model itself from averaged transition outputs,
+merged norms and its own shortcut additions (method-spec §7.3). Base models are transformed only in the
+merged groups (preserved groups keep their weights), as in the reference. Only modules that run are
+registered, so ``state_dict`` and the parameter / FLOP counts cover exactly the PFM system (open question
+Q6: a ResNet transition conv is counted in both bases, the way it actually runs).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from vf_lightning.align.permute import identity_perms
+from vf_lightning.align.results import AlignmentResult
+from vf_lightning.align.spec import PermutationSpec, build_permutation_spec, trace_graph
+from vf_lightning.align.transforms import merge_models, model_maps, transform_model
+from vf_lightning.diagnostics.complexity import count_flops, count_params
+from vf_lightning.io import atomic_torch_save
+from vf_lightning.models import ModelConfig, build_model
+from vf_lightning.repair import (
+    Goals,
+    affine_coefficients,
+    bias_calibrate_merged,
+    calibration_inputs,
+    combine_goals,
+    ensure_biases,
+    fold_affine,
+    reference_stats,
+    sequential_estimate,
+    zero_bias,
+)
+from vf_lightning.repair.sites import AFFINE_TYPES, batchnorm_sites
+from vf_lightning.stats import Moments, model_device
+
+PFM_FORMAT = "vf-pfm"
+PFM_NORMALIZATIONS = ("none", "reset", "repair", "rescale", "reshift", "bias_calibration", "zero_bias")
+_AFFINE_NORMS = ("repair", "rescale", "reshift")
+_WEIGHT_NORMS = ("bias_calibration", "zero_bias")
+Maps = dict[str, tuple[torch.Tensor, torch.Tensor]]
+EvaluateFn = Callable[[nn.Module], Mapping[str, float]]
+
+
+class PFMError(ValueError):
+    """The model graph or the arguments do not allow Preserve-First Merging."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# structure: layer order and transitions
+
+
+@dataclass(frozen=True)
+class PFMLayout:
+    """Which feature spaces exist, their preservation order, and how each conv/linear connects them.
+
+    ``layers`` are spec group names in preservation order; ``out_group`` / ``in_group`` give each conv/linear
+    module's output / input group (``None`` = fixed basis: the model input or output).
+    """
+
+    layers: tuple[str, ...]
+    out_group: dict[str, str | None]
+    in_group: dict[str, str | None]
+    outputs: tuple[str, ...]
+
+    @property
+    def max_preserved(self) -> int:
+        """The ensemble position ``n_groups + 1`` (every feature space preserved, classifier averaged)."""
+        return len(self.layers) + 1
+
+    def unmerged(self, preserved: int) -> set[str]:
+        """Groups kept unmerged with ``preserved`` layers: the first ``preserved − 1``."""
+        self.check(preserved)
+        return set(self.layers[: max(preserved - 1, 0)])
+
+    def transitions(self, preserved: int) -> list[str]:
+        """Conv/linear modules writing a merged space from an unmerged input (empty for ``preserved = 0``)."""
+        self.check(preserved)
+        if preserved == 0:
+            return []
+        keep = self.unmerged(preserved)
+        return [m for m in self.out_group
+                if self.out_group[m] not in keep and (self.in_group[m] is None or self.in_group[m] in keep)]
+
+    def check(self, preserved: int) -> None:
+        if not 0 <= preserved <= self.max_preserved:
+            raise PFMError(f"preserved layers must be in 0..{self.max_preserved} for this model "
+                           f"({len(self.layers)} feature spaces + the classifier), got {preserved}")
+
+
+def pfm_layout(spec: PermutationSpec, graph: fx.Graph) -> PFMLayout:
+    """Order the spec's groups for PFM (last writer in forward order) and map conv/linear modules to groups."""
+    owner_out: dict[str, str] = {}
+    owner_in: dict[str, str] = {}
+    writers: dict[str, set[str]] = {}
+    for g in spec.groups:
+        for ax in g.axes:
+            module = ax.key.rsplit(".", 1)[0]
+            if ax.role == "out":
+                writers.setdefault(g.name, set()).add(module)
+                if ax.kind == "producer" and ax.key.endswith(".weight") and ax.axis == 0:
+                    owner_out[module] = g.name
+            elif ax.key.endswith(".weight") and ax.axis == 1:
+                owner_in[module] = g.name
+    position: dict[str, int] = {}
+    calls: dict[str, int] = {}
+    affine: list[str] = []
+    root = graph.owning_module
+    for i, node in enumerate(graph.nodes):
+        if node.op != "call_module":
+            continue
+        target = str(node.target)
+        calls[target] = calls.get(target, 0) + 1
+        if root is not None and isinstance(root.get_submodule(target), AFFINE_TYPES) and target not in affine:
+            affine.append(target)
+        for g, mods in writers.items():
+            if target in mods:
+                position[g] = i
+    missing = [g.name for g in spec.groups if g.name not in position]
+    if missing:
+        raise PFMError(f"feature space(s) {missing} have no conv/linear/norm writer in the traced graph; "
+                       "PFM needs every permutation group to be produced by a layer")
+    shared = [m for m in affine if calls[m] > 1]
+    if shared:
+        raise PFMError(f"conv/linear module(s) {shared} are called more than once per forward; PFM cannot cut a "
+                       "graph at a shared layer")
+    layers = tuple(sorted(position, key=lambda g: position[g]))
+    out_group = {m: owner_out.get(m) for m in affine}
+    in_group = {m: owner_in.get(m) for m in affine}
+    outputs = tuple(m for m in affine if out_group[m] is None)
+    if not outputs:
+        raise PFMError("no output layer found (a conv/linear whose output axis is the model output)")
+    return PFMLayout(layers, out_group, in_group, outputs)
+
+
+def _identity_maps(spec: PermutationSpec, device: torch.device) -> Maps:
+    out: Maps = {}
+    for g in spec.groups:
+        eye = torch.eye(g.size, dtype=torch.float64, device=device)
+        out[g.name] = (eye, eye)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# graph surgery
+
+
+def _prefix_graph(graph: fx.Graph, outputs: Sequence[fx.Node]) -> fx.Graph:
+    """The part of ``graph`` needed to compute ``outputs``, returning them as a tuple."""
+    new = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    wanted = set(outputs)
+    for node in graph.nodes:
+        if node.op == "output":
+            break
+        env[node] = new.node_copy(node, lambda n: env[n])
+        wanted.discard(node)
+        if not wanted and node.op != "placeholder":
+            break
+    new.output(tuple(env[n] for n in outputs))
+    return new
+
+
+def _suffix_graph(graph: fx.Graph, transitions: Sequence[str], flatten: Sequence[bool]) -> fx.Graph:
+    """``graph`` with transition ``i`` replaced by its mixer applied to the extra placeholder ``pfm_in_i``."""
+    new = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    nodes = list(graph.nodes)
+    for node in nodes:
+        if node.op == "placeholder":
+            env[node] = new.node_copy(node)
+    extra = [new.placeholder(f"pfm_in_{i}") for i in range(len(transitions))]
+    index = {t: i for i, t in enumerate(transitions)}
+    for node in nodes:
+        if node.op == "placeholder":
+            continue
+        if node.op == "call_module" and str(node.target) in index:
+            i = index[str(node.target)]
+            mixed = new.call_module(str(node.target), (extra[i],))
+            env[node] = new.call_method("flatten", (mixed, 1)) if flatten[i] else mixed
+        else:
+            env[node] = new.node_copy(node, lambda n: env[n])
+    return new
+
+
+def _graph_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """``graph`` over ``root``'s modules with dead code and the modules it no longer calls removed."""
+    gm = fx.GraphModule(root, graph)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    gm.delete_all_unused_submodules()
+    return gm
+
+
+def _mixer(layer: nn.Module) -> nn.Module:
+    """Averages an interleaved pair ``[y_A0, y_B0, y_A1, …]`` per channel: grouped 1×1 conv, weights ``(½, ½)``.
+
+    Conv layers get a mixer of the same dimensionality; Linear layers a 2-d one (their ``N×C`` outputs are
+    fed as ``N×2C×1×1`` and flattened back).
+    """
+    if isinstance(layer, nn.Linear):
+        conv: type[nn.Module] = nn.Conv2d
+        channels = layer.out_features
+    elif isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        conv, channels = type(layer), layer.out_channels
+    else:
+        raise PFMError(f"transition layers must be Conv or Linear, got {type(layer).__name__}")
+    w = layer.weight
+    assert isinstance(w, torch.Tensor)
+    mixer = conv(2 * channels, channels, 1, groups=channels, bias=False)  # type: ignore[call-arg]
+    with torch.no_grad():
+        mixer.weight.fill_(0.5)  # type: ignore[operator]
+    return mixer.to(device=w.device, dtype=w.dtype)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the module
+
+
+class PFMModel(nn.Module):
+    """Two preserved prefixes (``a``, ``b``) whose transition outputs are averaged into the merged rest.
+
+    ``preserved`` is the number of preserved layers, ``transitions`` the transition modules (names in the
+    original model), ``layers`` the feature spaces in preservation order. With no transition (``preserved =
+    0``) ``merged`` is the plain merged model and ``a`` / ``b`` are ``None``.
+    """
+
+    def __init__(self, a: nn.Module | None, b: nn.Module | None, merged: nn.Module, preserved: int,
+                 transitions: Sequence[str], flatten: Sequence[bool], layers: Sequence[str],
+                 outputs: Sequence[str]) -> None:
+        super().__init__()
+        self.a = a
+        self.b = b
+        self.merged = merged
+        self.preserved = int(preserved)
+        self.transitions = list(transitions)
+        self.flatten = [bool(f) for f in flatten]
+        self.layers = list(layers)
+        self.outputs = list(outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.a is None or self.b is None:
+            return self.merged(x)
+        ya, yb = self.a(x), self.b(x)
+        pairs = []
+        for i, flat in enumerate(self.flatten):
+            pair = torch.stack([ya[i], yb[i]], 2).flatten(1, 2)  # channels interleaved A0, B0, A1, B1, ...
+            pairs.append(pair[:, :, None, None] if flat else pair)
+        return self.merged(x, *pairs)
+
+    def merged_sites(self) -> list[str]:
+        """Conv/linear outputs of the merged part (transitions included, output layers excluded), PFM names."""
+        return [f"merged.{n}" for n, m in self.merged.named_modules()
+                if isinstance(m, AFFINE_TYPES) and n not in self.outputs]
+
+    def merged_batchnorms(self) -> list[str]:
+        """BatchNorm layers of the merged part (the ones RESET re-estimates), PFM names."""
+        return [f"merged.{n}" for n in batchnorm_sites(self.merged)]
+
+    def params_ratio(self, base: nn.Module) -> float:
+        """Parameters of this system / parameters of one base model (1 for the full merge, ≈2 for the ensemble)."""
+        return count_params(self) / count_params(base)
+
+    def flops_ratio(self, base: nn.Module, example_input: torch.Tensor) -> float:
+        """Forward FLOPs of this system / FLOPs of one base model on ``example_input``."""
+        return count_flops(self, example_input) / count_flops(base, example_input)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# building
+
+
+class PreserveFirstMerger:
+    """Builds :class:`PFMModel` s of any depth for one aligned pair, reusing the trace, merge and statistics.
+
+    The merged model (average of the fully transformed models) is computed once: its part after any set of
+    transitions only involves merged groups, so it serves every depth. Goal statistics for REPAIR-style
+    corrections are measured once on the fully transformed base models (:meth:`goals`) and reused.
+    """
+
+    def __init__(self, model_a: nn.Module, model_b: nn.Module, alignment: AlignmentResult) -> None:
+        self.model_a, self.model_b = model_a, model_b
+        self.spec = alignment.spec
+        self.transforms = alignment.transforms
+        self.device = model_device(model_a)
+        self.graph = trace_graph(model_a).graph
+        self.layout = pfm_layout(self.spec, self.graph)
+        self._merged: dict[str, nn.Module] = {}
+        self._bases: dict[int, tuple[nn.Module, nn.Module]] = {}
+        self._stats: dict[tuple[int | None, int], list[Goals]] = {}
+
+    @property
+    def max_preserved(self) -> int:
+        return self.layout.max_preserved
+
+    def merged(self, normalization: str = "none") -> nn.Module:
+        """The plain merged model; ``bias_calibration`` / ``zero_bias`` variants are applied to it (cached)."""
+        if "none" not in self._merged:
+            self._merged["none"] = merge_models(self.model_a, self.model_b, self.spec, self.transforms).eval()
+        if normalization not in self._merged:
+            if normalization == "bias_calibration":
+                self._merged[normalization] = bias_calibrate_merged(self._merged["none"])
+            elif normalization == "zero_bias":
+                self._merged[normalization] = zero_bias(self._merged["none"])
+            else:
+                raise PFMError(f"{normalization!r} is not a weight-only normalization of the merged model")
+        return self._merged[normalization]
+
+    def transformed(self) -> tuple[nn.Module, nn.Module]:
+        """A and B fully transformed into the merged basis (the reference models for goal statistics)."""
+        return self._transformed_bases(None)
+
+    def _transformed_bases(self, preserved: int | None) -> tuple[nn.Module, nn.Module]:
+        key = -1 if preserved is None else preserved
+        if key not in self._bases:
+            keep = set() if preserved is None else self.layout.unmerged(preserved)
+            eye = _identity_maps(self.spec, self.device)
+            pair = []
+            for model, which in ((self.model_a, "a"), (self.model_b, "b")):
+                maps = model_maps(self.transforms, which)
+                maps = {g: (eye[g] if g in keep else maps[g]) for g in maps}
+                pair.append(transform_model(model, self.spec, maps).eval())
+            self._bases[key] = (pair[0], pair[1])
+        return self._bases[key]
+
+    def build(self, preserved: int, merged: nn.Module | None = None) -> PFMModel:
+        """The PFM system with ``preserved`` layers; ``merged`` overrides the plain merged model."""
+        lay = self.layout
+        trans = lay.transitions(preserved)
+        base_merged = merged if merged is not None else self.merged()
+        if not trans:
+            return PFMModel(None, None, copy.deepcopy(base_merged).eval(), preserved, [], [], lay.layers,
+                            lay.outputs)
+        base_a, base_b = self._transformed_bases(preserved)
+        nodes = {str(n.target): n for n in self.graph.nodes if n.op == "call_module"}
+        a = _graph_module(copy.deepcopy(base_a), _prefix_graph(self.graph, [nodes[t] for t in trans]))
+        b = _graph_module(copy.deepcopy(base_b), _prefix_graph(self.graph, [nodes[t] for t in trans]))
+        root = copy.deepcopy(base_merged)
+        flatten = [isinstance(self.model_a.get_submodule(t), nn.Linear) for t in trans]
+        for t in trans:
+            _set_submodule(root, t, _mixer(root.get_submodule(t)))
+        suffix = _graph_module(root, _suffix_graph(self.graph, trans, flatten))
+        self._check_merged_part(suffix, preserved, set(trans))
+        return PFMModel(a, b, suffix, preserved, trans, flatten, lay.layers, lay.outputs).eval()
+
+    def _check_merged_part(self, suffix: nn.Module, preserved: int, transitions: set[str]) -> None:
+        keep = self.layout.unmerged(preserved)
+        live = {n for n, _ in suffix.named_modules()}
+        for g in self.spec.groups:
+            if g.name not in keep:
+                continue
+            for ax in g.axes:
+                module = ax.key.rsplit(".", 1)[0]
+                if module in live and module not in transitions:
+                    raise PFMError(f"the merged part of the PFM model at preserved={preserved} uses {ax.key!r}, "
+                                   f"which belongs to the preserved feature space {g.name!r}; this graph reads "
+                                   "preserved features other than through a conv/linear layer")
+
+    # -- statistics and normalization ------------------------------------------------------------------------
+    def goal_sites(self) -> list[str]:
+        """Every conv/linear except the output layers (superset of the merged-part sites of any depth)."""
+        return [m for m in self.layout.out_group if m not in self.layout.outputs]
+
+    def goals(self, loader: Iterable[object], max_samples: int | None = None, one_ref: bool = False) -> Goals:
+        """Goals ``½(μ_A' + μ_B')``, ``½(σ_A' + σ_B')`` of the transformed models (A' only with ``one_ref``).
+
+        One pass over ``loader`` per distinct ``(loader, max_samples)``; the result is cached and reused.
+        """
+        key = (max_samples, id(loader))
+        if key not in self._stats:
+            ta, tb = self.transformed()
+            self._stats[key] = reference_stats([ta, tb], loader, self.goal_sites(), max_samples)
+        stats = self._stats[key]
+        return combine_goals(stats[:1], [1.0]) if one_ref else combine_goals(stats, [0.5, 0.5])
+
+    def variant(self, preserved: int, normalization: str, loader: Iterable[object] | None = None,
+                goals: Goals | None = None, max_samples: int | None = None, one_ref: bool = False,
+                eps: float = 1e-5) -> PFMModel:
+        """The PFM system at ``preserved`` layers with ``normalization`` applied (see :data:`PFM_NORMALIZATIONS`)."""
+        if normalization not in PFM_NORMALIZATIONS:
+            raise PFMError(f"unknown PFM normalization {normalization!r}; choose one of "
+                           f"{', '.join(PFM_NORMALIZATIONS)}")
+        if normalization in _WEIGHT_NORMS:
+            return self.build(preserved, self.merged(normalization))
+        pfm = self.build(preserved)
+        if normalization == "none":
+            return pfm
+        if loader is None:
+            raise PFMError(f"normalization {normalization!r} needs a calibration loader")
+        if normalization in _AFFINE_NORMS and goals is None:
+            goals = self.goals(loader, max_samples, one_ref)
+        return normalize_pfm(pfm, normalization, loader, goals, max_samples, eps, inplace=True)
+
+
+def build_pfm(model_a: nn.Module, model_b: nn.Module, alignment: AlignmentResult, preserved: int) -> PFMModel:
+    """The PFM system of ``model_a`` and ``model_b`` (aligned by ``alignment``) with ``preserved`` layers."""
+    return PreserveFirstMerger(model_a, model_b, alignment).build(preserved)
+
+
+def max_preserved(model: nn.Module, example_input: torch.Tensor, spec: PermutationSpec | None = None) -> int:
+    """Largest number of preserved layers for ``model`` (feature spaces + 1; the ensemble)."""
+    spec = spec if spec is not None else build_permutation_spec(model, example_input)
+    return pfm_layout(spec, trace_graph(model).graph).max_preserved
+
+
+def pfm_goals_for(goals: Goals, pfm: PFMModel) -> Goals:
+    """``goals`` keyed by base-model module names, renamed to the merged-part sites of ``pfm``."""
+    mean, std = {}, {}
+    for site in pfm.merged_sites():
+        name = site[len("merged."):]
+        if name not in goals.mean:
+            raise KeyError(f"no goal statistics for {name!r}; compute goals over every conv/linear layer "
+                           "(PreserveFirstMerger.goals)")
+        mean[site], std[site] = goals.mean[name], goals.std[name]
+    return Goals(mean, std)
+
+
+@torch.no_grad()
+def normalize_pfm(pfm: PFMModel, normalization: str, loader: Iterable[object], goals: Goals | None = None,
+                  max_samples: int | None = None, eps: float = 1e-5, inplace: bool = False) -> PFMModel:
+    """RESET, or REPAIR / RESCALE / RESHIFT towards ``goals``, of the merged part only, exact and sequential.
+
+    Sites are the merged part's conv/linear outputs (transitions included, classifier excluded) and, for
+    every method, its BatchNorm layers; the preserved base prefixes keep their weights and statistics.
+    Corrections are folded into the weights. ``goals`` are keyed by base-model module names.
+    """
+    if normalization not in ("reset",) + _AFFINE_NORMS:
+        raise PFMError(f"normalize_pfm handles reset, repair, rescale and reshift, got {normalization!r}; "
+                       "bias_calibration and zero_bias act on the merged weights (PreserveFirstMerger.variant)")
+    out = pfm if inplace else copy.deepcopy(pfm)
+    kinds: dict[str, Any] = dict.fromkeys(out.merged_batchnorms(), "bn")
+    modules = dict(out.named_modules())
+    site_goals: Goals | None = None
+    if normalization in _AFFINE_NORMS:
+        if goals is None:
+            raise PFMError(f"normalization {normalization!r} needs goal statistics (PreserveFirstMerger.goals)")
+        site_goals = pfm_goals_for(goals, out)
+        kinds.update(dict.fromkeys(site_goals.sites, "output"))
+    if not kinds:
+        return out
+
+    def on_output(name: str, mom: Moments) -> tuple[torch.Tensor, torch.Tensor]:
+        assert site_goals is not None
+        a, c = affine_coefficients(normalization, mom.mean, mom.var,  # type: ignore[arg-type]
+                                   site_goals.mean[name], site_goals.std[name], eps)
+        fold_affine(modules[name], a, c)
+        return a, c
+
+    sequential_estimate(out, kinds, calibration_inputs(loader, max_samples), on_output)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sweep
+
+
+def pfm_sweep(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    alignment: AlignmentResult,
+    preserved_list: Sequence[int],
+    normalizations: Sequence[str],
+    calib_loader: Iterable[object] | None,
+    evaluate_fn: EvaluateFn,
+    example_input: torch.Tensor,
+    max_samples: int | None = None,
+    one_ref: bool = False,
+    eps: float = 1e-5,
+    on_variant: Callable[[PFMModel, dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate every ``(preserved, normalization)`` PFM variant; one trace, merge and goal-statistics pass.
+
+    Rows ``{"preserved_layers", "normalization", "acc", "loss", "params_ratio", "flops_ratio", "seconds"}``
+    (``seconds`` = building and normalizing the variant, without evaluation). ``evaluate_fn(model)`` returns
+    ``{"acc", "loss"}``; ``on_variant(pfm, row)`` sees each variant (e.g. to keep or save the best one).
+    """
+    merger = PreserveFirstMerger(model_a, model_b, alignment)
+    bad = [n for n in normalizations if n not in PFM_NORMALIZATIONS]
+    if bad:
+        raise PFMError(f"unknown PFM normalization(s) {bad}; choose from {', '.join(PFM_NORMALIZATIONS)}")
+    for k in preserved_list:
+        merger.layout.check(k)
+    data = calibration_inputs(calib_loader, max_samples) if calib_loader is not None else None
+    goals: Goals | None = None
+    if data is not None and any(n in _AFFINE_NORMS for n in normalizations):
+        goals = merger.goals(data, None, one_ref)
+    base_flops = count_flops(model_a, example_input)
+    base_params = count_params(model_a)
+    rows: list[dict[str, Any]] = []
+    for k in preserved_list:
+        ratios: tuple[float, float] | None = None
+        for norm in normalizations:
+            t0 = time.perf_counter()
+            pfm = merger.variant(k, norm, data, goals, None, one_ref, eps)
+            seconds = time.perf_counter() - t0
+            if ratios is None:
+                ratios = (count_params(pfm) / base_params, count_flops(pfm, example_input) / base_flops)
+            res = evaluate_fn(pfm)
+            row = {"preserved_layers": k, "normalization": norm, "acc": float(res["acc"]),
+                   "loss": float(res["loss"]), "params_ratio": ratios[0], "flops_ratio": ratios[1],
+                   "seconds": seconds}
+            rows.append(row)
+            if on_variant is not None:
+                on_variant(pfm, row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save_pfm(pfm: PFMModel, path: str | Path, config: ModelConfig | Mapping[str, Any],
+             meta: Mapping[str, Any] | None = None) -> Path:
+    """Write ``pfm`` (architecture config, depth, weights of the running modules) atomically."""
+    cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(dict(config))
+    payload = {
+        "format": PFM_FORMAT,
+        "version": 1,
+        "model_config": cfg.to_dict(),
+        "preserved": pfm.preserved,
+        "transitions": list(pfm.transitions),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in pfm.state_dict().items()},
+        "meta": dict(meta or {}),
+    }
+    return atomic_torch_save(payload, path)
+
+
+def load_pfm(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[PFMModel, ModelConfig]:
+    """Rebuild a PFM system written by :func:`save_pfm` (``weights_only`` load), in eval mode."""
+    p = Path(path)
+    if not p.is_file():
+        raise PFMError(f"PFM checkpoint {str(p)!r} does not exist")
+    obj = torch.load(p, map_location=map_location, weights_only=True)
+    if not isinstance(obj, dict) or obj.get("format") != PFM_FORMAT:
+        raise PFMError(f"{str(p)!r} is not a PFM checkpoint (expected format {PFM_FORMAT!r}); "
+                       "plain merged models load with vf_lightning.checkpoint.load_model_checkpoint")
+    cfg = ModelConfig.from_dict(obj["model_config"])
+    skeleton = build_model(cfg).eval()
+    example = torch.zeros(2, cfg.in_channels, cfg.image_size, cfg.image_size)
+    spec = build_permutation_spec(skeleton, example)
+    ident = AlignmentResult(method="identity", spec=spec, perms=identity_perms(spec))
+    pfm = PreserveFirstMerger(skeleton, copy.deepcopy(skeleton), ident).build(int(obj["preserved"]))
+    if pfm.transitions != list(obj.get("transitions", pfm.transitions)):
+        raise PFMError(f"{str(p)!r}: the rebuilt transitions {pfm.transitions} differ from the saved "
+                       f"{obj['transitions']}; the checkpoint was written by an incompatible version")
+    state = obj["state_dict"]
+    ensure_biases(pfm, state)
+    result = pfm.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise PFMError(f"{str(p)!r}: weights do not fit the rebuilt PFM system (missing {result.missing_keys[:3]}, "
+                       f"unexpected {result.unexpected_keys[:3]})")
+    return pfm.to(map_location).eval(), cfg

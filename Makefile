@@ -10,7 +10,7 @@ export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install data demo fit-demo test lint typecheck bench clean
+.PHONY: install data demo fit-demo multitask-demo test lint typecheck bench clean
 
 install: $(STAMP)
 
@@ -35,7 +35,12 @@ fit-demo: install data
 	else $(VF) fit --config configs/fit/fmnist_vgg_pair.yaml; fi
 
 demo: fit-demo
-	$(PY) -m vf_lightning.show $(DEMO_OUT)/net_a.pt $(DEMO_OUT)/net_b.pt --data fashion_mnist
+	$(VF) merge --config configs/merge/fmnist_demo.yaml
+	$(VF) prune --config configs/prune/fmnist_demo.yaml
+
+# Non-local multi-task merging of Fashion-MNIST experts (trains foundations and experts when absent).
+multitask-demo: install data
+	$(PY) -m vf_lightning.multitask.demo
 
 test: install data
 	$(PY) -m pytest -q

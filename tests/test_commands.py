@@ -44,8 +44,10 @@ def test_merge_report_follows_the_contract_and_recovers_a_permuted_copy(
 ) -> None:
     a, b, _ = pair
     out = tmp_path / "merge"
-    main(["merge", "--checkpoints", json.dumps([str(a), str(b)]), *DATA, "--matching", "[identity, weight]",
-          "--normalization", "[none, reset]", "--alphas", "3", "--out_dir", str(out), "--logger.kind", "csv"])  # fmt: skip
+    main([
+        "merge", "--checkpoints", json.dumps([str(a), str(b)]), *DATA, "--matching", "[identity, weight]",
+        "--normalization", "[none, reset]", "--alphas", "3", "--out_dir", str(out), "--logger.kind", "csv",
+    ])  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     for key in ("endpoints", "ensemble", "alignment", "results", "lmc", "variance_ratio"):
         assert key in report

@@ -49,32 +49,31 @@ def _guard(parser: ArgumentParser, fn: Callable[[], Any]) -> Any:
         raise SystemExit(2) from e
 
 
+def _commands() -> dict[str, tuple[type, type, Callable[[Any], None], str]]:
+    from vf_lightning.commands.merge import MergeConfig, MergeRun, print_summary
+    from vf_lightning.commands.prune import PruneConfig, PruneRun, print_prune_summary
+
+    return {
+        "merge": (MergeConfig, MergeRun, print_summary, "Align, merge and repair two trained networks."),
+        "prune": (PruneConfig, PruneRun, print_prune_summary, "One-shot prune a network, then re-normalize it."),
+    }
+
+
 def run(cmd: str, args: Sequence[str]) -> None:
-    """Dispatch ``vf merge`` / ``vf prune``."""
-    if cmd == "merge":
-        if _config_mode(args) == "multitask":
-            from vf_lightning.multitask.command import main as multitask_main
+    """Dispatch ``vf merge`` / ``vf prune`` (``mode: multitask`` in a merge config selects the expert merger)."""
+    if cmd == "merge" and _config_mode(args) == "multitask":
+        from vf_lightning.multitask.command import main as multitask_main
 
-            multitask_main(list(args))
-            return
-        from vf_lightning.commands.merge import MergeConfig, MergeRun, print_summary
-
-        cfg, parser = _parse("vf merge", MergeConfig, args, "Align, merge and repair two trained networks.")
-        try:
-            runner = _guard(parser, lambda: MergeRun(cfg))
-        except ValueError as e:
-            parser.error(str(e))
-        print_summary(runner.run())
-        print(f"\nreport: {Path(cfg.out_dir) / 'report.json'}")
-    elif cmd == "prune":
-        from vf_lightning.commands.prune import PruneConfig, PruneRun, print_prune_summary
-
-        cfg, parser = _parse("vf prune", PruneConfig, args, "One-shot prune a network, then re-normalize it.")
-        try:
-            runner = _guard(parser, lambda: PruneRun(cfg))
-        except ValueError as e:
-            parser.error(str(e))
-        print_prune_summary(runner.run())
-        print(f"\nreport: {Path(cfg.out_dir) / 'report.json'}")
-    else:
-        raise ValueError(f"unknown command {cmd!r}")
+        multitask_main(list(args))
+        return
+    commands = _commands()
+    if cmd not in commands:
+        raise ValueError(f"unknown command {cmd!r}; choose one of {', '.join(commands)}")
+    config_cls, runner_cls, summarize, description = commands[cmd]
+    cfg, parser = _parse(f"vf {cmd}", config_cls, args, description)
+    try:
+        runner = _guard(parser, lambda: runner_cls(cfg))
+    except ValueError as e:
+        parser.error(str(e))
+    summarize(runner.run())
+    print(f"\nreport: {Path(cfg.out_dir) / 'report.json'}")

@@ -2,7 +2,7 @@
 
 The one statistics engine of the library: RESET/REPAIR goals, activation matching, ZipIt/CCA
 covariances, TACT and the variance-ratio diagnostics all build on :class:`Moments` and
-:func:`stream_features`.
+:func:`stream_moments` / :func:`accumulate_moments`.
 """
 
 from __future__ import annotations
@@ -96,27 +96,6 @@ class Moments:
         return c / torch.outer(s, s).clamp_min(eps)
 
 
-@contextmanager
-def record_outputs(model: nn.Module, names: Sequence[str], pre: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Capture the outputs (or with ``pre=True`` the first inputs) of the named submodules during forward."""
-    modules = dict(model.named_modules())
-    missing = [n for n in names if n not in modules]
-    if missing:
-        raise KeyError(f"module(s) {missing} not found in {type(model).__name__}")
-    store: dict[str, torch.Tensor] = {}
-    handles = []
-    for n in names:
-        if pre:
-            handles.append(modules[n].register_forward_pre_hook(lambda _m, inp, n=n: store.__setitem__(n, inp[0])))
-        else:
-            handles.append(modules[n].register_forward_hook(lambda _m, _i, out, n=n: store.__setitem__(n, out)))
-    try:
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def batch_inputs(batch: object) -> torch.Tensor:
     """The input tensor of a loader batch: ``x`` of ``(x, y, ...)`` or the tensor itself."""
     if isinstance(batch, torch.Tensor):
@@ -150,65 +129,6 @@ def model_device(model: nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
-
-
-@torch.no_grad()
-def stream_features(
-    models: Sequence[nn.Module],
-    sites: Sequence[Sequence[str]],
-    loader: Iterable[object],
-    consume: Callable[[list[dict[str, torch.Tensor]]], None],
-    max_samples: int | None = None,
-    pre: bool = False,
-) -> int:
-    """One pass over ``loader``: run every model on each batch and hand ``consume`` the captured site tensors.
-
-    ``sites[i]`` names the submodules of ``models[i]`` to capture; ``consume`` receives one dict per model
-    per batch. Models run in their current train/eval mode under ``no_grad``. Returns the sample count.
-    """
-    if len(models) != len(sites):
-        raise ValueError("stream_features needs one list of sites per model")
-    device = model_device(models[0])
-    n = 0
-    ctxs = [record_outputs(m, s, pre=pre) for m, s in zip(models, sites)]
-    stores = [c.__enter__() for c in ctxs]
-    try:
-        for x in iter_inputs(loader, device, max_samples):
-            for m in models:
-                m(x)
-            consume([dict(s) for s in stores])
-            for s in stores:
-                s.clear()
-            n += x.shape[0]
-    finally:
-        for c in ctxs:
-            c.__exit__(None, None, None)
-    return n
-
-
-def site_moments(
-    models: Sequence[nn.Module],
-    sites: Sequence[Sequence[str]],
-    loader: Iterable[object],
-    max_samples: int | None = None,
-    pre: bool = False,
-) -> list[dict[str, Moments]]:
-    """Per-channel moments of every site of every model from one streamed pass, reduced across DDP ranks."""
-    out: list[dict[str, Moments]] = [{} for _ in models]
-
-    def consume(batch: list[dict[str, torch.Tensor]]) -> None:
-        for i, feats in enumerate(batch):
-            for name, t in feats.items():
-                f = channel_matrix(t)
-                if name not in out[i]:
-                    out[i][name] = Moments(f.shape[0], device=f.device)
-                out[i][name].update(f)
-
-    stream_features(models, sites, loader, consume, max_samples=max_samples, pre=pre)
-    for d in out:
-        for mom in d.values():
-            mom.all_reduce()
-    return out
 
 
 @contextmanager
@@ -256,7 +176,7 @@ def stream_moments(
     pre: bool = False,
     forwards: Sequence[Callable[[torch.Tensor], object]] | None = None,
 ) -> list[dict[str, Moments]]:
-    """Per-channel moments like :func:`site_moments`, accumulated inside the hooks (see :func:`accumulate_moments`).
+    """Per-channel moments of every site of every model from one streamed pass (see :func:`accumulate_moments`).
 
     ``forwards[i]`` optionally replaces ``models[i]`` as the callable run on each batch (e.g. a truncated
     ``torch.fx`` graph sharing the model's submodules). One pass; reduced across DDP ranks.

@@ -82,11 +82,11 @@ def perms_from_stats(stats: GroupStats) -> dict[str, torch.Tensor]:
 @register_matcher("activation")
 def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
                         loader: Iterable[object] | None = None, max_samples: int | None = None,
-                        stats: GroupStats | None = None, **_: Any) -> AlignmentResult:
+                        stats: GroupStats | None = None, precision: str = "float64", **_: Any) -> AlignmentResult:
     """Activation matching: correlations of post-activation features from one pass, one LAP per group."""
     if stats is None:
         stats = activation_statistics(model_a, model_b, spec, _need_loader("activation", loader),
-                                      max_samples=max_samples)
+                                      max_samples=max_samples, precision=precision)
     perms = perms_from_stats(stats)
     objective = float(sum(cross_correlation(stats[k])[torch.arange(p.numel()), p].sum() for k, p in perms.items()))
     return AlignmentResult(method="activation", spec=spec, perms=perms, objective=objective, sweeps=1)

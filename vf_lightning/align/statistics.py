@@ -38,10 +38,10 @@ class CrossMoments:
         self.prod = torch.zeros(self.dim_a, self.dim_b, dtype=torch.float64, device=self.device)
 
     def update(self, fa: torch.Tensor, fb: torch.Tensor) -> None:
-        """Add paired ``C × M`` observations of A and B."""
+        """Add paired ``C × M`` observations of A and B (the batch product in their dtype, summed in float64)."""
         self.a.update(fa)
         self.b.update(fb)
-        self.prod += fa.to(self.prod) @ fb.to(self.prod).t()
+        self.prod += (fa @ fb.t()).to(self.prod)
 
     def all_reduce(self) -> CrossMoments:
         """Sum over DDP ranks (no-op without a process group)."""
@@ -63,9 +63,19 @@ class CrossMoments:
 GroupStats = dict[str, CrossMoments | Moments]
 
 
+def _rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`vf_lightning.stats.channel_matrix` in ``dtype`` (a copy, safe from later in-place ops)."""
+    if dtype == torch.float64:
+        return channel_matrix(t)
+    if t.dim() == 4:
+        return t.transpose(0, 1).reshape(t.shape[1], -1).to(dtype, copy=True)
+    return channel_matrix(t).to(dtype)
+
+
 @contextmanager
-def record_sites(model: nn.Module, sites: Sequence[SiteKey]) -> Iterator[dict[SiteKey, torch.Tensor]]:
-    """Capture float64 ``C × M`` features at ``(module, call, port)`` sites during each forward of ``model``."""
+def record_sites(model: nn.Module, sites: Sequence[SiteKey],
+                 dtype: torch.dtype = torch.float64) -> Iterator[dict[SiteKey, torch.Tensor]]:
+    """Capture ``C × M`` features (a ``dtype`` copy) at ``(module, call, port)`` sites during each forward."""
     modules = dict(model.named_modules())
     wanted: dict[tuple[str, str], set[int]] = {}
     for name, call, port in sites:
@@ -80,7 +90,7 @@ def record_sites(model: nn.Module, sites: Sequence[SiteKey]) -> Iterator[dict[Si
         call = counts.get((name, port), 0)
         counts[(name, port)] = call + 1
         if call in wanted[(name, port)]:
-            store[(name, call, port)] = channel_matrix(t.detach())
+            store[(name, call, port)] = _rows(t.detach(), dtype)
 
     for (name, port) in wanted:
         m = modules[name]
@@ -107,12 +117,17 @@ def activation_statistics(
     loader: Iterable[object],
     full: bool = False,
     max_samples: int | None = None,
+    precision: str = "float64",
 ) -> GroupStats:
     """One pass over ``loader`` (both models in eval mode): per group, statistics pooled over its activation sites.
 
     ``full=False`` keeps the A×B cross block (:class:`CrossMoments`, enough for activation matching);
     ``full=True`` keeps the ``2C × 2C`` moments of ``[f_A; f_B]`` (ZipIt, CCA). All-reduced under DDP.
+    ``precision="float32"`` computes each batch's products in float32 (accumulated across batches in float64).
     """
+    if precision not in ("float64", "float32"):
+        raise ValueError(f"precision must be 'float64' or 'float32', got {precision!r}")
+    dtype = torch.float64 if precision == "float64" else torch.float32
     site_groups: dict[SiteKey, list[str]] = {}
     for g in spec.groups:
         sites = g.activation_sites
@@ -131,7 +146,7 @@ def activation_statistics(
     model_b.eval()
     keys = list(site_groups)
     try:
-        with record_sites(model_a, keys) as store_a, record_sites(model_b, keys) as store_b:
+        with record_sites(model_a, keys, dtype) as store_a, record_sites(model_b, keys, dtype) as store_b:
             for x in iter_inputs(loader, device, max_samples):
                 model_a(x)
                 model_b(x)

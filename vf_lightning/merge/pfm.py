@@ -137,9 +137,9 @@ def pfm_layout(spec: PermutationSpec, graph: fx.Graph) -> PFMLayout:
         calls[target] = calls.get(target, 0) + 1
         if root is not None and isinstance(root.get_submodule(target), AFFINE_TYPES) and target not in affine:
             affine.append(target)
-        for g, mods in writers.items():
+        for group, mods in writers.items():
             if target in mods:
-                position[g] = i
+                position[group] = i
     missing = [g.name for g in spec.groups if g.name not in position]
     if missing:
         raise PFMError(f"feature space(s) {missing} have no conv/linear/norm writer in the traced graph; "
@@ -317,7 +317,7 @@ class PreserveFirstMerger:
         self.layout = pfm_layout(self.spec, self.graph)
         self._merged: dict[str, nn.Module] = {}
         self._bases: dict[int, tuple[nn.Module, nn.Module]] = {}
-        self._stats: dict[tuple[int | None, int], list[Goals]] = {}
+        self._stats: tuple[Iterable[object], int | None, list[Goals]] | None = None
 
     @property
     def max_preserved(self) -> int:
@@ -394,13 +394,14 @@ class PreserveFirstMerger:
     def goals(self, loader: Iterable[object], max_samples: int | None = None, one_ref: bool = False) -> Goals:
         """Goals ``½(μ_A' + μ_B')``, ``½(σ_A' + σ_B')`` of the transformed models (A' only with ``one_ref``).
 
-        One pass over ``loader`` per distinct ``(loader, max_samples)``; the result is cached and reused.
+        One pass over ``loader``; repeated calls with the same loader object and ``max_samples`` reuse it.
         """
-        key = (max_samples, id(loader))
-        if key not in self._stats:
+        cached = self._stats
+        if cached is None or cached[0] is not loader or cached[1] != max_samples:
             ta, tb = self.transformed()
-            self._stats[key] = reference_stats([ta, tb], loader, self.goal_sites(), max_samples)
-        stats = self._stats[key]
+            cached = (loader, max_samples, reference_stats([ta, tb], loader, self.goal_sites(), max_samples))
+            self._stats = cached
+        stats = cached[2]
         return combine_goals(stats[:1], [1.0]) if one_ref else combine_goals(stats, [0.5, 0.5])
 
     def variant(self, preserved: int, normalization: str, loader: Iterable[object] | None = None,

@@ -43,11 +43,11 @@ class Moments:
     prod: torch.Tensor | None = field(init=False)
 
     def __post_init__(self) -> None:
-        kw = {"dtype": torch.float64, "device": self.device}
-        self.count = torch.zeros((), **kw)  # type: ignore[arg-type]
-        self.sum = torch.zeros(self.dim, **kw)  # type: ignore[arg-type]
-        self.sumsq = torch.zeros(self.dim, **kw)  # type: ignore[arg-type]
-        self.prod = torch.zeros(self.dim, self.dim, **kw) if self.outer else None  # type: ignore[arg-type]
+        dt, dev = torch.float64, self.device
+        self.count = torch.zeros((), dtype=dt, device=dev)
+        self.sum = torch.zeros(self.dim, dtype=dt, device=dev)
+        self.sumsq = torch.zeros(self.dim, dtype=dt, device=dev)
+        self.prod = torch.zeros(self.dim, self.dim, dtype=dt, device=dev) if self.outer else None
 
     def update(self, feats: torch.Tensor) -> None:
         """Add a ``C × M`` float matrix of ``M`` observations (see :func:`channel_matrix`)."""
@@ -124,10 +124,10 @@ def iter_inputs(
 
 def model_device(model: nn.Module) -> torch.device:
     """Device of the first parameter (or buffer) of ``model``; CPU for parameter-free modules."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
     return torch.device("cpu")
 
 

@@ -165,8 +165,8 @@ class ResultLogger:
         if self.run is not None:
             import wandb
 
-            columns = list(rows[0].keys())
-            self.run.log({key: wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
+            columns: list[str | int] = list(rows[0].keys())
+            self.run.log({key: wandb.Table(columns=columns, data=[[r.get(str(c)) for c in columns] for r in rows])})
         self.csv_rows.extend({"table": key, **r} for r in rows)
 
     def log_scalars(self, values: Mapping[str, float]) -> None:

@@ -43,7 +43,8 @@ class VisionDataModule(L.LightningDataModule):
         data_dir: where to look first (then ``$VF_DATA_DIR``, then system locations, DESIGN §6).
         batch_size / eval_batch_size: training / evaluation batch sizes (per process).
         num_workers: loader worker processes (``persistent_workers`` and ``pin_memory`` are enabled when useful).
-        augment: the reference training augmentation (random crop + flip for CIFAR); off for a clean train loader.
+        augment: the reference training augmentation (random crop + flip for CIFAR); None = the dataset's
+            default (on for CIFAR, off for MNIST-like data); False for a clean train loader.
         pad_to_32: zero-pad smaller images (28×28) to 32×32.
         train_subset / val_subset: use only the first N samples of a fixed shuffle (quick runs, tests).
         calib_samples: size of the fixed calibration subset of the training set used for statistics passes.
@@ -56,6 +57,7 @@ class VisionDataModule(L.LightningDataModule):
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     num_classes = 10
+    default_augment = True
 
     def __init__(
         self,
@@ -63,7 +65,7 @@ class VisionDataModule(L.LightningDataModule):
         batch_size: int = 128,
         eval_batch_size: int = 512,
         num_workers: int = 2,
-        augment: bool = True,
+        augment: bool | None = None,
         pad_to_32: bool = False,
         train_subset: int | None = None,
         val_subset: int | None = None,
@@ -78,7 +80,7 @@ class VisionDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
-        self.augment = augment
+        self.augment = self.default_augment if augment is None else augment
         self.pad_to_32 = pad_to_32
         self.train_subset = train_subset
         self.val_subset = val_subset
@@ -213,8 +215,7 @@ class FashionMNISTDataModule(_IdxDataModule):
     mean = (0.2860,)
     std = (0.3530,)
 
-    def __init__(self, *args: Any, augment: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, augment=augment, **kwargs)
+    default_augment = False
 
     def augmentation(self) -> tuple[int, bool]:
         return 2, True
@@ -229,8 +230,7 @@ class MNISTDataModule(_IdxDataModule):
     mean = (0.1307,)
     std = (0.3081,)
 
-    def __init__(self, *args: Any, augment: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, augment=augment, **kwargs)
+    default_augment = False
 
 
 class _CifarDataModule(VisionDataModule):
@@ -280,8 +280,7 @@ class DigitsDataModule(VisionDataModule):
     mean = (0.3,)
     std = (0.38,)
 
-    def __init__(self, *args: Any, augment: bool = False, **kwargs: Any) -> None:
-        super().__init__(*args, augment=augment, **kwargs)
+    default_augment = False
 
     def load_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         from sklearn.datasets import load_digits  # type: ignore[import-untyped]

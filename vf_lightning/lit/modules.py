@@ -183,10 +183,10 @@ class PairModule(BaseModule):
         out = Path(out_dir)
         meta = {"source": "PairModule", "epoch": int(self.current_epoch) if self._trainer is not None else None}
         pa = save_model_checkpoint(
-            self.net_a, self.net_config, out / "net_a.pt", meta={**meta, "seed": self.hparams.seed_a}
+            self.net_a, self.net_config, out / "net_a.pt", meta={**meta, "seed": self.hparams["seed_a"]}
         )
         pb = save_model_checkpoint(
-            self.net_b, self.net_config, out / "net_b.pt", meta={**meta, "seed": self.hparams.seed_b}
+            self.net_b, self.net_config, out / "net_b.pt", meta={**meta, "seed": self.hparams["seed_b"]}
         )
         return pa, pb
 

@@ -50,11 +50,9 @@ class FixupBlock(nn.Module):
         self.scale = nn.Parameter(torch.ones(1))
         self.bias2b = nn.Parameter(torch.zeros(1))
         self.relu2 = nn.ReLU()
-        self.shortcut: nn.Module
+        self.shortcut = nn.Sequential()
         if downsample or c_in != c_out:
             self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False))
-        else:
-            self.shortcut = nn.Sequential()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xa = x + self.bias1a

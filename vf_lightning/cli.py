@@ -38,15 +38,15 @@ class VFLightningCLI(LightningCLI):
             parser.error(f"invalid configuration: {e}".split("\nGiven value")[0])
 
 
-def fit_cli(args: Sequence[str]) -> None:
-    """Run the LightningCLI for ``fit``/``validate``/``test``/``predict``."""
+def fit_cli(args: Sequence[str] | None) -> None:
+    """Run the LightningCLI for ``fit``/``validate``/``test``/``predict`` (``args=None``: from ``sys.argv``)."""
     VFLightningCLI(
         L.LightningModule,
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        args=list(args),
+        args=None if args is None else list(args),
         auto_configure_optimizers=False,
     )
 
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     cmd = args[0]
     if cmd in ("fit", "validate", "test", "predict"):
-        fit_cli(args)
+        fit_cli(None if argv is None else args)
     elif cmd in ("merge", "prune"):
         from vf_lightning import commands
 

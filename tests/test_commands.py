@@ -47,6 +47,7 @@ def test_merge_report_follows_the_contract_and_recovers_a_permuted_copy(
     main([
         "merge", "--checkpoints", json.dumps([str(a), str(b)]), *DATA, "--matching", "[identity, weight]",
         "--normalization", "[none, reset]", "--alphas", "3", "--out_dir", str(out), "--logger.kind", "csv",
+        "--preserve", "[0, 3, -1]",
     ])  # fmt: skip
     report = json.loads((out / "report.json").read_text())
     for key in ("endpoints", "ensemble", "alignment", "results", "lmc", "variance_ratio"):
@@ -60,6 +61,12 @@ def test_merge_report_follows_the_contract_and_recovers_a_permuted_copy(
     weight_none = next(r for r in report["results"] if r["matching"] == "weight" and r["normalization"] == "none")
     assert weight_none["acc"] == pytest.approx(acc_a, abs=1e-9)  # merging A with a permuted copy gives A back
     assert report["ensemble"]["acc"] == pytest.approx(acc_a, abs=1e-9)
+    pfm = [r for r in report["results"] if r["matching"] == "weight" and r["preserved_layers"] > 0]
+    assert {r["preserved_layers"] for r in pfm} == {3, 9}  # VGG11: 8 convs + classifier; -1 = all
+    assert all(r["acc"] == pytest.approx(acc_a, abs=1e-9) for r in pfm if r["normalization"] == "none")
+    top = next(r for r in pfm if r["preserved_layers"] == 9 and r["normalization"] == "none")
+    assert top["params_ratio"] == pytest.approx(2.0, abs=5e-3) and top["flops_ratio"] == pytest.approx(2.0, abs=5e-3)
+    assert (out / "merged_pfm.pt").is_file()
     assert report["lmc"]["alphas"] == [0.0, 0.5, 1.0]
     assert report["lmc"]["barrier"]["weight/none"]["acc"] == pytest.approx(0.0, abs=1e-9)
     assert set(report["lmc"]["curves"]) == {"identity/none", "identity/reset", "weight/none", "weight/reset"}

@@ -123,6 +123,7 @@ class MergeRun:
         self.test = self.dm.val_dataloader()
         self.example = first_inputs(self.calib, 2, self.device)
         self.out = Path(cfg.out_dir)
+        self.best_pfm: tuple[float, nn.Module | None, str] = (-1.0, None, "")
 
     # ----------------------------------------------------------------------------------------------
     def eval(self, model: nn.Module) -> dict[str, float]:
@@ -236,14 +237,24 @@ class MergeRun:
         return interpolation_curve(self.model_a, b_al, alphas, self.eval, None if name == "none" else fix)
 
     def _pfm_rows(self, matching: str, res: Any, depths: list[int]) -> list[dict[str, Any]]:
-        from vf_lightning.merge.pfm import pfm_sweep  # Preserve-First Merging
+        """Preserve-First Merging rows for ``depths`` (−1 = all layers), one goal pass per matching."""
+        from vf_lightning.merge.pfm import PFMModel, max_preserved, pfm_sweep
 
-        out = []
-        for r in pfm_sweep(
-            self.model_a, self.model_b, res, depths, _normalizations(self.cfg), self.calib, self.eval, self.example
-        ):
-            out.append({"matching": matching, "alpha": 0.5, **r})
-        return out
+        top = max_preserved(self.model_a, self.example)
+        ks = sorted({top if k == -1 else k for k in depths})
+        if ks and ks[-1] > top:
+            raise ValueError(f"preserve: this network has at most {top} preservable layers, got {ks[-1]}")
+
+        def keep(pfm: PFMModel, row: dict[str, Any]) -> None:
+            if row["acc"] > self.best_pfm[0]:
+                self.best_pfm = (row["acc"], pfm, f"{matching}/{row['normalization']}/k={row['preserved_layers']}")
+
+        with self.timer.phase("pfm"):
+            rows = pfm_sweep(
+                self.model_a, self.model_b, res, ks, _normalizations(self.cfg), self.calib, self.eval, self.example,
+                one_ref=not res.is_permutation, on_variant=keep,
+            )  # fmt: skip
+        return [{"matching": matching, "alpha": 0.5, **r} for r in rows]
 
     def _write(self, report: dict[str, Any], best: tuple[float, nn.Module | None, str]) -> None:
         cfg = self.cfg
@@ -265,6 +276,12 @@ class MergeRun:
                 meta={"variant": best[2], "acc": best[0], "alpha": cfg.alpha},
             )
             report["merged_checkpoint"] = {"path": str(path), "variant": best[2]}
+        if cfg.save_model and self.best_pfm[1] is not None:
+            from vf_lightning.merge.pfm import save_pfm
+
+            acc, pfm, variant = self.best_pfm
+            path = save_pfm(pfm, self.out / "merged_pfm.pt", self.model_config, meta={"variant": variant, "acc": acc})
+            report["pfm_checkpoint"] = {"path": str(path), "variant": variant}
         report["plots"] = {k: str(v) for k, v in plots.items()}
         atomic_write_json(report, self.out / "report.json")
         logger = ResultLogger(cfg.logger, self.out, report["config"], "merge")

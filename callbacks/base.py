@@ -158,8 +158,8 @@ def evaluate_reduced(model: nn.Module, data: CallbackData) -> dict[str, float]:
 
 
 def vf_profile_reduced(model: nn.Module, data: CallbackData) -> dict[str, float]:
-    """Vanishing-feature profile (``vf_profile``) on the evaluation inputs, averaged over all ranks' samples."""
-    inputs = data.eval_inputs
+    """Vanishing-feature profile (``vf_profile``) on the calibration inputs, averaged over all ranks' samples."""
+    inputs = data.calib
     n = sum(int(x.shape[0]) for x in inputs)
     prof = vf_profile(model, inputs) if n else {}
     if not _distributed():
@@ -263,13 +263,15 @@ class DiagnosticCallback(Callback):
         self.last: dict[str, float] = {}  # scalars of the last run
         self._done_epochs: set[int] = set()
         self.completed = 0  # completed training epochs at the current run
+        self.shared: dict[Any, Any] | None = None  # results shared between callbacks during one run
 
     # ------------------------------------------------------------------------------------------------ settings
     def settings(self) -> dict[str, Any]:
         """The callback's options, added to the loggers' run config so a run can be reproduced."""
         plain = (bool, int, float, str, list, tuple, type(None))
+        skip = ("seconds", "completed", "shared")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()
-                if isinstance(v, plain) and not k.startswith("_") and k not in ("seconds", "completed")}  # fmt: skip
+                if isinstance(v, plain) and not k.startswith("_") and k not in skip}  # fmt: skip
 
     def check_module(self, pl_module: L.LightningModule) -> None:
         """Fail at start-up on a module the callback cannot diagnose (override to add checks)."""
@@ -318,15 +320,25 @@ class DiagnosticCallback(Callback):
             return
         self._done_epochs.add(completed)
         self.completed = completed
+        self.shared = shared_results(trainer, (completed, self.calib_samples, self.eval_samples, self.batch_size))
         t0 = time.perf_counter()
-        with isolated(pl_module):
-            if self.data is None:
-                self.data = CallbackData.from_datamodule(
-                    trainer.datamodule, self.calib_samples, self.eval_samples, self.batch_size, pl_module.device
-                )
-            self.data.device = pl_module.device
-            self.run(trainer, pl_module, self.data)
+        try:
+            with isolated(pl_module):
+                if self.data is None:  # built once per fit, shared by callbacks asking for the same subsets
+                    cache = trainer.__dict__.setdefault("_vf_callback_data", {})
+                    key = (self.calib_samples, self.eval_samples, self.batch_size)
+                    if key not in cache:
+                        cache[key] = CallbackData.from_datamodule(trainer.datamodule, *key, pl_module.device)
+                    self.data = cache[key]
+                self.data.device = pl_module.device
+                self.run(trainer, pl_module, self.data)
+        finally:
+            self.shared = None
         self.seconds.append(time.perf_counter() - t0)
+
+    def results(self) -> dict[Any, Any]:
+        """Results shared with the other callbacks of this validation (same step and data); fresh outside a run."""
+        return self.shared if self.shared is not None else {}
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, data: CallbackData) -> None:
         """Measure and log (subclasses); runs on every rank inside :func:`isolated`."""
@@ -353,6 +365,16 @@ class DiagnosticCallback(Callback):
             payload = make()
             if payload:
                 run.log({**payload, "epoch": trainer.current_epoch})
+
+
+def shared_results(trainer: L.Trainer, key: tuple[Any, ...]) -> dict[Any, Any]:
+    """A dict the callbacks of one validation share (merges, normalized models, evaluations) so that work done by
+    one (e.g. the weight-matched, RESET merge) is not repeated by the next; dropped at the next step."""
+    step = trainer.global_step
+    store = trainer.__dict__.setdefault("_vf_callback_results", {})
+    for k in [k for k in store if k[0] != step]:
+        del store[k]
+    return store.setdefault((step, *key), {})
 
 
 def _max_epochs(trainer: L.Trainer) -> int:

@@ -16,12 +16,13 @@ from torch import nn
 
 from vf_lightning.align import align
 from vf_lightning.diagnostics import variance_ratio, vf_ratio
-from vf_lightning.merge import barrier, interpolation_curve
+from vf_lightning.merge import barrier, interpolate_models
 
 from .base import (
     CallbackData,
     DiagnosticCallback,
     broadcast_alignment,
+    broadcast_module,
     evaluate_reduced,
     frozen_copy,
     line_plot,
@@ -39,7 +40,10 @@ from .merging import (
 
 
 def _pair(pl_module: L.LightningModule) -> tuple[nn.Module, nn.Module]:
-    return frozen_copy(pl_module.net_a), frozen_copy(pl_module.net_b)  # type: ignore[arg-type]
+    """Frozen copies of the two networks, identical on every rank (BatchNorm buffers are per-rank under DDP)."""
+    dev = pl_module.device
+    return (broadcast_module(frozen_copy(pl_module.net_a), dev),  # type: ignore[arg-type]
+            broadcast_module(frozen_copy(pl_module.net_b), dev))  # type: ignore[arg-type]  # fmt: skip
 
 
 class _MergingCallback(DiagnosticCallback):
@@ -75,19 +79,37 @@ class _MergingCallback(DiagnosticCallback):
         super().check_module(pl_module)
         check_bias_calibration(self.normalizations, pl_module.net_a, type(self).__name__)  # type: ignore[arg-type]
 
-    def merges(self, a: nn.Module, b: nn.Module, data: CallbackData) -> list[MergedPair]:
-        """One merge per matching (same permutations on every rank); A's statistics are computed once."""
+    def merges(self, a: nn.Module, b: nn.Module, data: CallbackData, shared: dict[Any, Any]) -> list[MergedPair]:
+        """One merge per matching (same permutations on every rank), shared with the other callbacks of this run."""
         example = data.example()
         out: list[MergedPair] = []
-        stats_a = None
         for matching in self.matchings:
-            res = align(a, b, matching, loader=data.calib, example_input=example, seed=self.seed,
-                        max_sweeps=self.max_sweeps)  # fmt: skip
-            pair = merge_pair(a, b, matching, data.calib, example, self.alpha, self.seed,
-                              stats_a=stats_a, alignment=broadcast_alignment(res, data.device))  # fmt: skip
-            out.append(pair)
-            stats_a = pair.stats_a
+            key = ("pair", matching, self.alpha, self.seed, self.max_sweeps)
+            if key not in shared:
+                res = align(a, b, matching, loader=data.calib, example_input=example, seed=self.seed,
+                            max_sweeps=self.max_sweeps)  # fmt: skip
+                shared[key] = merge_pair(a, b, matching, data.calib, example, self.alpha, self.seed,
+                                         stats_a=shared.get("stats_a"),
+                                         alignment=broadcast_alignment(res, data.device))  # fmt: skip
+                shared["stats_a"] = shared[key].stats_a
+            out.append(shared[key])
         return out
+
+    @staticmethod
+    def normalized(pair: MergedPair, name: str, shared: dict[Any, Any]) -> nn.Module:
+        """The merge after normalization ``name`` (computed once per run)."""
+        key = ("norm", pair.matching, pair.alpha, id(pair), name)
+        if key not in shared:
+            shared[key] = pair.normalize(name)
+        return shared[key]
+
+    @classmethod
+    def evaluated(cls, pair: MergedPair, name: str, data: CallbackData, shared: dict[Any, Any]) -> dict[str, float]:
+        """Accuracy and loss of the normalized merge, reduced over ranks (computed once per run)."""
+        key = ("eval", pair.matching, pair.alpha, id(pair), name)
+        if key not in shared:
+            shared[key] = evaluate_reduced(cls.normalized(pair, name, shared), data)
+        return shared[key]
 
 
 class MergeCallback(_MergingCallback):
@@ -107,9 +129,10 @@ class MergeCallback(_MergingCallback):
     def measure(self, a: nn.Module, b: nn.Module, data: CallbackData) -> dict[str, float]:
         """The merged accuracies and losses of every matching × normalization (reduced over ranks)."""
         out: dict[str, float] = {}
-        for pair in self.merges(a, b, data):
+        shared = self.results()
+        for pair in self.merges(a, b, data, shared):
             for name in self.normalizations:
-                m = evaluate_reduced(pair.normalize(name), data)
+                m = self.evaluated(pair, name, data, shared)
                 out[f"merge/{pair.matching}/{name}/acc"] = m["acc"]
                 out[f"merge/{pair.matching}/{name}/loss"] = m["loss"]
         return out
@@ -168,13 +191,26 @@ class InterpolationCallback(_MergingCallback):
     def measure(self, a: nn.Module, b: nn.Module, data: CallbackData) -> dict[str, dict[str, list[float]]]:
         """``{"<matching>/<normalization>": {"alphas", "acc", "loss"}}`` (endpoints as they are)."""
         curves: dict[str, dict[str, list[float]]] = {}
-        for pair in self.merges(a, b, data):
+        shared = self.results()
+        for i, model in enumerate((a, b)):
+            if ("eval", "endpoint", i) not in shared:
+                shared[("eval", "endpoint", i)] = evaluate_reduced(model, data)
+        ends = [shared[("eval", "endpoint", 0)], shared[("eval", "endpoint", 1)]]
+        for pair in self.merges(a, b, data, shared):
             assert pair.b_aligned is not None
             for name in self.normalizations:
-                fix = None if name == "none" else (lambda m, al, name=name, pair=pair: pair.normalize(name, m, al))
-                curves[f"{pair.matching}/{name}"] = interpolation_curve(
-                    a, pair.b_aligned, self.alphas, lambda m: evaluate_reduced(m, data), fix
-                )
+                c: dict[str, list[float]] = {"alphas": list(self.alphas), "acc": [], "loss": []}
+                for alpha in self.alphas:
+                    if alpha in (0.0, 1.0):  # endpoints as they are (interpolate_models returns exact copies)
+                        m = ends[int(alpha)]
+                    elif alpha == pair.alpha:
+                        m = self.evaluated(pair, name, data, shared)
+                    else:
+                        merged = interpolate_models(a, pair.b_aligned, alpha).eval()
+                        m = evaluate_reduced(pair.normalize(name, merged, alpha), data)
+                    c["acc"].append(m["acc"])
+                    c["loss"].append(m["loss"])
+                curves[f"{pair.matching}/{name}"] = c
         return curves
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, data: CallbackData) -> None:
@@ -230,11 +266,12 @@ class VarianceCollapseCallback(_MergingCallback):
         vf: dict[str, list[float]] = {}
         layers: list[str] = []
         vf_layers: list[str] = []
+        shared = self.results()
         refs = [vf_profile_reduced(m, data) for m in (a, b)] if self.vanishing_feature else None
-        for pair in self.merges(a, b, data):
+        for pair in self.merges(a, b, data, shared):
             goal = pair.goals()
             for name in self.normalizations:
-                fixed = pair.normalize(name)
+                fixed = self.normalized(pair, name, shared)
                 ratios = variance_ratio(fixed, goal, data.calib)
                 layers = list(ratios)
                 vr[f"{pair.matching}/{name}"] = list(ratios.values())

@@ -100,7 +100,7 @@ class PruneCallback(DiagnosticCallback):
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, data: CallbackData) -> None:
         scalars: dict[str, float] = {}
         for name, net in self._selected(pl_module).items():
-            res = self.measure(name, frozen_copy(net), data)
+            res = self.measure(name, broadcast_module(frozen_copy(net), data.device), data)
             scalars.update(res)
             for s in self.sparsities:
                 for norm in self.normalizations:

@@ -71,6 +71,14 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cache_batches(loader: DataLoader[Any], max_bytes: int = 2**30) -> Any:
+    """The loader's batches as a list (read and normalized once, reused by every pass) when they fit in
+    ``max_bytes``; otherwise the loader itself (e.g. ImageNet)."""
+    first = batch_inputs(next(iter(loader)))
+    size = len(loader.dataset) * first[0].numel() * first.element_size()  # type: ignore[arg-type]
+    return list(loader) if size <= max_bytes else loader
+
+
 def first_inputs(loader: DataLoader[Any], n: int, device: torch.device) -> torch.Tensor:
     """The first ``n`` inputs of a loader (example input for tracing and FLOP counting)."""
     return batch_inputs(next(iter(loader)))[:n].to(device)

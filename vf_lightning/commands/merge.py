@@ -23,6 +23,7 @@ from vf_lightning.commands.common import (
     LoggerOptions,
     ResultLogger,
     Timer,
+    cache_batches,
     first_inputs,
     format_table,
     is_rank_zero,
@@ -40,7 +41,16 @@ from vf_lightning.diagnostics import (
 from vf_lightning.evaluate import evaluate
 from vf_lightning.io import atomic_write_json
 from vf_lightning.merge import barrier, interpolate_models, interpolation_curve
-from vf_lightning.repair import NORMALIZATIONS, Goals, combine_goals, has_normalization, normalize, reference_stats
+from vf_lightning.repair import (
+    NORMALIZATIONS,
+    Goals,
+    combine_goals,
+    default_correction_sites,
+    has_normalization,
+    normalize,
+    preactivation_sites,
+    reference_stats,
+)
 
 PERMUTATION_MATCHINGS = ("identity", "weight", "activation")
 
@@ -55,7 +65,9 @@ class MergeConfig:
         zero_bias); ``none`` is always evaluated too, as the "before" of the variance ratio.
     preserve: numbers of preserved layers for Preserve-First Merging (0 = full merge; ``-1`` = all layers).
     alpha: merging coefficient of the full merge; alphas: number of points of the interpolation curve.
-    lmc_normalizations: normalizations evaluated along the interpolation curve (default: all of them).
+    lmc_normalizations / pfm_normalizations: normalizations evaluated along the interpolation curve / for the
+        PFM depths > 0 (default: all of them).
+    vanishing_feature: also compute the vanishing-feature profile (on ``vf_samples`` test images).
     """
 
     checkpoints: list[str] = field(default_factory=list)
@@ -66,8 +78,10 @@ class MergeConfig:
     alpha: float = 0.5
     alphas: int = 11
     lmc_normalizations: list[str] | None = None
+    pfm_normalizations: list[str] | None = None
     ensemble: bool = True
     vanishing_feature: bool = True
+    vf_samples: int | None = 1000
     max_sweeps: int = 100
     seed: int = 0
     device: str = "auto"
@@ -83,7 +97,7 @@ def validate(cfg: MergeConfig) -> None:
     unknown = [m for m in cfg.matching if m not in available_matchers()]
     if unknown or not cfg.matching:
         raise ValueError(f"unknown matching {unknown}; choose from {', '.join(available_matchers())}")
-    names = [*cfg.normalization, *(cfg.lmc_normalizations or [])]
+    names = [*cfg.normalization, *(cfg.lmc_normalizations or []), *(cfg.pfm_normalizations or [])]
     bad = [n for n in names if n not in NORMALIZATIONS or n == "auto"]
     if bad:
         raise ValueError(
@@ -124,6 +138,16 @@ class MergeRun:
         self.example = first_inputs(self.calib, 2, self.device)
         self.out = Path(cfg.out_dir)
         self.best_pfm: tuple[float, nn.Module | None, str] = (-1.0, None, "")
+        # correction sites (conv/linear outputs) and variance-ratio sites (inputs of the activations)
+        self.fix_sites = default_correction_sites(self.model_a)
+        self.vr_sites = preactivation_sites(self.model_a)
+        self.test = cache_batches(self.test)
+        self.calib = cache_batches(self.calib)
+
+    def stats(self, model: nn.Module) -> Goals:
+        """Statistics of one reference model at every site any step needs, from one pass."""
+        sites = list(dict.fromkeys([*self.fix_sites, *self.vr_sites]))
+        return reference_stats([model], self.calib, sites)[0]
 
     # ----------------------------------------------------------------------------------------------
     def eval(self, model: nn.Module) -> dict[str, float]:
@@ -146,7 +170,7 @@ class MergeRun:
         if cfg.ensemble:
             report["ensemble"] = self.eval(Ensemble([self.model_a, self.model_b]))
         with self.timer.phase("statistics"):
-            stats_a = reference_stats([self.model_a], self.calib)[0]
+            stats_a = self.stats(self.model_a)
         alphas = [i / (cfg.alphas - 1) for i in range(cfg.alphas)]
         rows: list[dict[str, Any]] = []
         alignment: dict[str, Any] = {}
@@ -159,7 +183,7 @@ class MergeRun:
         vf_refs = None
         if cfg.vanishing_feature:
             with self.timer.phase("diagnostics"):
-                vf_refs = [vf_profile(m, self.test) for m in (self.model_a, self.model_b)]
+                vf_refs = [vf_profile(m, self.test, cfg.vf_samples) for m in (self.model_a, self.model_b)]
 
         for matching in cfg.matching:
             with self.timer.phase("matching"):
@@ -173,7 +197,7 @@ class MergeRun:
                 info["max_abs_logit_diff"] = max_abs_logit_diff(b_al, self.model_b, self.test)
                 merged = interpolate_models(self.model_a, b_al, cfg.alpha)
                 with self.timer.phase("statistics"):
-                    stats_b = reference_stats([b_al], self.calib)[0]
+                    stats_b = self.stats(b_al)
                 goal = combine_goals([stats_a, stats_b], [1 - cfg.alpha, cfg.alpha])
                 refs = [self.model_a, b_al]
             else:  # general linear maps: B' is not equivalent to B, so goals come from A alone (one reference)
@@ -186,15 +210,16 @@ class MergeRun:
 
             for name in _normalizations(cfg):
                 t0 = time.perf_counter()
-                fixed = self.norm(merged, name, goal, refs, cfg.alpha)
+                fixed = self.norm(merged, name, goal.subset(self.fix_sites), refs, cfg.alpha)
                 metrics = self.eval(fixed)
                 rows.append(self._row(matching, name, 0, cfg.alpha, metrics, 1.0, 1.0, time.perf_counter() - t0))
                 with self.timer.phase("diagnostics"):
-                    vr = variance_ratio(fixed, goal, self.calib)
+                    vr = variance_ratio(fixed, goal.subset(self.vr_sites), self.calib)
                     vr_layers = list(vr)
                     vr_curves[f"{matching}/{name}"] = list(vr.values())
                     if vf_refs is not None:
-                        vf_curves[f"{matching}/{name}"] = list(vf_ratio(vf_profile(fixed, self.test), vf_refs).values())
+                        prof = vf_profile(fixed, self.test, cfg.vf_samples)
+                        vf_curves[f"{matching}/{name}"] = list(vf_ratio(prof, vf_refs).values())
                 if metrics["acc"] > best[0]:
                     best = (metrics["acc"], fixed, f"{matching}/{name}")
 
@@ -231,7 +256,7 @@ class MergeRun:
 
     def _lmc(self, b_al: nn.Module, name: str, stats_a: Goals, stats_b: Goals, alphas: list[float]) -> dict[str, Any]:
         def fix(model: nn.Module, alpha: float) -> nn.Module:
-            goal = combine_goals([stats_a, stats_b], [1 - alpha, alpha])
+            goal = combine_goals([stats_a, stats_b], [1 - alpha, alpha]).subset(self.fix_sites)
             return self.norm(model, name, goal, [self.model_a, b_al], alpha)
 
         return interpolation_curve(self.model_a, b_al, alphas, self.eval, None if name == "none" else fix)
@@ -251,7 +276,8 @@ class MergeRun:
 
         with self.timer.phase("pfm"):
             rows = pfm_sweep(
-                self.model_a, self.model_b, res, ks, _normalizations(self.cfg), self.calib, self.eval, self.example,
+                self.model_a, self.model_b, res, ks, self.cfg.pfm_normalizations or _normalizations(self.cfg),
+                self.calib, self.eval, self.example,
                 one_ref=not res.is_permutation, on_variant=keep,
             )  # fmt: skip
         return [{"matching": matching, "alpha": 0.5, **r} for r in rows]
@@ -288,6 +314,9 @@ class MergeRun:
         try:
             logger.log_rows("merge/results", report["results"])
             logger.log_scalars({f"endpoints/{k}/acc": v["acc"] for k, v in report["endpoints"].items()})
+            # fixed keys for sweeps: the best merged variant of this run
+            logger.log_scalars({"merged/acc": max(r["acc"] for r in report["results"]),
+                                "merged/loss": min(r["loss"] for r in report["results"])})  # fmt: skip
             for variant, b in lmc["barrier"].items():
                 logger.log_scalars({f"barrier/{variant}/acc": b["acc"], f"barrier/{variant}/loss": b["loss"]})
             if lmc["curves"]:

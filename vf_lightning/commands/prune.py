@@ -16,6 +16,7 @@ from vf_lightning.commands.common import (
     LoggerOptions,
     ResultLogger,
     Timer,
+    cache_batches,
     format_table,
     is_rank_zero,
     pick_device,
@@ -24,7 +25,7 @@ from vf_lightning.diagnostics import count_params, plot_layer_curves, plot_varia
 from vf_lightning.evaluate import evaluate
 from vf_lightning.io import atomic_write_json
 from vf_lightning.prune import PRUNERS, normalize_pruned, prune_model, sparsity_report
-from vf_lightning.repair import auto_normalization, reference_stats
+from vf_lightning.repair import auto_normalization, default_correction_sites, preactivation_sites, reference_stats
 
 
 @dataclass
@@ -85,8 +86,8 @@ class PruneRun:
         self.dense = models[idx].to(self.device).eval()
         self.dm = cfg.data.build()
         n_cal = cfg.calib_samples or cfg.data.calib_samples
-        self.calib = self.dm.calibration_dataloader(n_cal)
-        self.test = self.dm.val_dataloader()
+        self.calib = cache_batches(self.dm.calibration_dataloader(n_cal))
+        self.test = cache_batches(self.dm.val_dataloader())
         self.out = Path(cfg.out_dir)
 
     def run(self) -> dict[str, Any]:
@@ -95,8 +96,11 @@ class PruneRun:
         report: dict[str, Any] = {"config": asdict(cfg)}
         with self.timer.phase("evaluation"):
             report["endpoints"] = {"dense": evaluate(self.dense, self.test, self.device)}
-        with self.timer.phase("statistics"):
-            goals = reference_stats([self.dense], self.calib)[0]  # computed once, reused for every sparsity
+        fix_sites = default_correction_sites(self.dense)
+        vr_sites = preactivation_sites(self.dense)
+        with self.timer.phase("statistics"):  # one pass, reused for every pruner and sparsity
+            stats = reference_stats([self.dense], self.calib, list(dict.fromkeys([*fix_sites, *vr_sites])))[0]
+        goals, vr_goals = stats.subset(fix_sites), stats.subset(vr_sites)
         auto = auto_normalization(self.dense)
         n_dense = count_params(self.dense)
         names = ["none", *[n for n in cfg.normalization if n != "none"]]
@@ -127,7 +131,7 @@ class PruneRun:
                         "flops_ratio": 1.0, "seconds": t_prune + time.perf_counter() - t1,
                     })  # fmt: skip
                     with self.timer.phase("diagnostics"):
-                        vr = variance_ratio(model, goals, self.calib)
+                        vr = variance_ratio(model, vr_goals, self.calib)
                     vr_layers = list(vr)
                     vr_curves[f"{pruner}/{s}/{rows[-1]['normalization']}"] = list(vr.values())
                     if s == max(cfg.sparsities) and m["acc"] > best[0]:

@@ -14,10 +14,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
 from torch import nn
 
-from vf_lightning.multitask.network import FOLDABLE, fold_into, head_name
+from vf_lightning.multitask.network import fold_into, head_name
+from vf_lightning.repair.sites import preactivation_sites
 from vf_lightning.stats import iter_inputs, stream_moments
 
 _LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -32,32 +32,9 @@ class SiteStats:
     std: dict[str, torch.Tensor]
 
 
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, FOLDABLE) or super().is_leaf_module(m, module_qualified_name)
-
-
 def correction_sites(model: nn.Module) -> list[str]:
     """Pre-activation sites of the body in forward order: each Conv/Linear but the head, or the norm right after it."""
-    head = head_name(model)
-    modules = dict(model.named_modules())
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as e:  # tracing failures come in many types
-        raise ValueError(f"cannot trace {type(model).__name__} with torch.fx to find correction sites ({e}); "
-                         "pass the site names explicitly") from e
-    sites: list[str] = []
-    for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], _LINEAR) or node.target == head:
-            continue
-        users = list(node.users)
-        site = str(node.target)
-        if len(users) == 1 and users[0].op == "call_module" and isinstance(modules[users[0].target], _NORMS):
-            norm = modules[users[0].target]
-            if getattr(norm, "weight", None) is not None:
-                site = str(users[0].target)
-        if site not in sites:
-            sites.append(site)
+    sites = preactivation_sites(model, exclude=head_name(model))
     if not sites:
         raise ValueError(f"{type(model).__name__} has no Conv/Linear layer before its head; nothing to correct")
     return sites

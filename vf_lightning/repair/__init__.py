@@ -24,6 +24,7 @@ from vf_lightning.repair.sites import (
     has_batchnorm,
     has_normalization,
     plan_sites,
+    preactivation_sites,
 )
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "has_normalization",
     "normalize",
     "plan_sites",
+    "preactivation_sites",
     "reference_stats",
     "register_normalization",
     "reset_bn_stats",

@@ -38,6 +38,13 @@ class Goals:
         """Both goal statistics multiplied by ``factor``."""
         return Goals({k: v * factor for k, v in self.mean.items()}, {k: v * factor for k, v in self.std.items()})
 
+    def subset(self, sites: Sequence[str]) -> Goals:
+        """The goals of ``sites`` only (e.g. split one statistics pass over several site lists)."""
+        missing = [k for k in sites if k not in self.mean]
+        if missing:
+            raise KeyError(f"no statistics at site(s) {missing}")
+        return Goals({k: self.mean[k] for k in sites}, {k: self.std[k] for k in sites})
+
     def to(self, device: torch.device | str) -> Goals:
         return Goals({k: v.to(device) for k, v in self.mean.items()}, {k: v.to(device) for k, v in self.std.items()})
 

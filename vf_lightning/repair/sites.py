@@ -57,6 +57,34 @@ class _LeafTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
+def preactivation_sites(model: nn.Module, exclude: str | None = None) -> list[str]:
+    """Where a layer's signal enters its activation, in forward order: each Conv/Linear output but the output
+    layer (``exclude``; default the last one registered), or the affine norm layer that directly consumes it.
+
+    This is where variance collapse is measured: after a BatchNorm/LayerNorm, not before it.
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, AFFINE_TYPES)]
+    head = names[-1] if exclude is None and names else exclude
+    modules = dict(model.named_modules())
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception as e:  # tracing failures come in many types
+        raise ValueError(f"cannot trace {type(model).__name__} with torch.fx to find its pre-activation sites "
+                         f"({e}); pass the site names explicitly") from e
+    sites: list[str] = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], AFFINE_TYPES) or node.target == head:
+            continue
+        users = list(node.users)
+        site = str(node.target)
+        if len(users) == 1 and users[0].op == "call_module" and isinstance(modules[users[0].target], NORM_TYPES):
+            if getattr(modules[users[0].target], "weight", None) is not None:
+                site = str(users[0].target)
+        if site not in sites:
+            sites.append(site)
+    return sites
+
+
 @dataclass
 class SitePlan:
     """Sites grouped into levels in forward order; ``derived[bn] = conv`` marks BNs computed from a conv's stats."""

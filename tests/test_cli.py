@@ -66,13 +66,17 @@ def test_fit_writes_an_offline_wandb_run_with_the_metric_names(
     runs = list((tmp_path / "outputs/fmnist_mlp_pair/wandb").glob("offline-run-*"))
     assert len(runs) == 1
     # the offline run's record file (what `wandb sync` uploads) holds the metric names and the config
-    record_file = next(runs[0].glob("run-*.wandb"))
-    deadline = time.monotonic() + 30  # the W&B service flushes the record file asynchronously
-    while b"val/acc_b" not in (record := record_file.read_bytes()) and time.monotonic() < deadline:
+    deadline = time.monotonic() + 30  # the W&B service creates and flushes the record file asynchronously
+
+    def record() -> bytes:
+        files = list(runs[0].glob("run-*.wandb"))
+        return files[0].read_bytes() if files else b""
+
+    while b"val/acc_b" not in (data := record()) and time.monotonic() < deadline:
         time.sleep(0.5)
     for key in ("val/acc_a", "val/acc_b", "train/loss_a", "train/loss_b", "val/acc5_a"):
-        assert key.encode() in record
-    assert b"seed_a" in record and b"weight_decay" in record  # hyper-parameters saved with the run
+        assert key.encode() in data
+    assert b"seed_a" in data and b"weight_decay" in data  # hyper-parameters saved with the run
     csv = next((tmp_path / "outputs/fmnist_mlp_pair/csv").rglob("metrics.csv")).read_text().splitlines()[0]
     assert "val/acc_a" in csv
     assert (tmp_path / "export/net_a.pt").is_file() and (tmp_path / "export/net_b.pt").is_file()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -30,3 +32,18 @@ def fmnist() -> Path:
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+def wait_for_wandb_record(wandb_dir: Path, keys: Sequence[str], timeout: float = 30.0) -> list[str]:
+    """Keys still missing from the offline run's record file after waiting up to ``timeout`` seconds.
+
+    The W&B service creates and flushes ``offline-run-*/run-*.wandb`` asynchronously, even after ``finish()``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        files = list(wandb_dir.glob("offline-run-*/run-*.wandb"))
+        data = files[0].read_bytes() if files else b""
+        missing = [k for k in keys if k.encode() not in data]
+        if not missing or time.monotonic() > deadline:
+            return missing
+        time.sleep(0.5)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import wait_for_wandb_record
 from lightning.pytorch.loggers import CSVLogger
 from vf_lightning.callbacks import (
     InterpolationCallback,
@@ -83,16 +83,9 @@ def test_fit_with_all_callbacks_logs_the_keys_to_csv_and_to_an_offline_wandb_run
     hparams = next((tmp_path / "csv").rglob("hparams.yaml")).read_text()
     assert "callbacks/MergeCallback" in hparams and "calib_samples" in hparams
 
-    record_file = next(next((tmp_path / "wandb").glob("offline-run-*")).glob("run-*.wandb"))
     wanted = [*EXPECTED_KEYS, "variance_collapse/table", "variance_collapse/evolution", "lmc_table", "pfm_table",
               "prune_table", "merge_table", "callbacks/VarianceCollapseCallback"]  # fmt: skip
-    deadline = time.monotonic() + 30  # the W&B service flushes the record file asynchronously
-    while True:
-        record = record_file.read_bytes()
-        missing = [k for k in wanted if k.encode() not in record]
-        if not missing or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    missing = wait_for_wandb_record(tmp_path / "wandb", wanted)
     assert not missing, f"not in the W&B record: {missing}"
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_for_wandb_record
 
 from vf_lightning.cli import main
 
@@ -66,17 +66,8 @@ def test_fit_writes_an_offline_wandb_run_with_the_metric_names(
     runs = list((tmp_path / "outputs/fmnist_mlp_pair/wandb").glob("offline-run-*"))
     assert len(runs) == 1
     # the offline run's record file (what `wandb sync` uploads) holds the metric names and the config
-    deadline = time.monotonic() + 30  # the W&B service creates and flushes the record file asynchronously
-
-    def record() -> bytes:
-        files = list(runs[0].glob("run-*.wandb"))
-        return files[0].read_bytes() if files else b""
-
-    while b"val/acc_b" not in (data := record()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for key in ("val/acc_a", "val/acc_b", "train/loss_a", "train/loss_b", "val/acc5_a"):
-        assert key.encode() in data
-    assert b"seed_a" in data and b"weight_decay" in data  # hyper-parameters saved with the run
+    keys = ["val/acc_a", "val/acc_b", "train/loss_a", "train/loss_b", "val/acc5_a", "seed_a", "weight_decay"]
+    assert wait_for_wandb_record(runs[0].parent, keys) == []  # metric names and hyper-parameters
     csv = next((tmp_path / "outputs/fmnist_mlp_pair/csv").rglob("metrics.csv")).read_text().splitlines()[0]
     assert "val/acc_a" in csv
     assert (tmp_path / "export/net_a.pt").is_file() and (tmp_path / "export/net_b.pt").is_file()

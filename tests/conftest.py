@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,17 @@ FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 def fmnist_available() -> bool:
     return (FMNIST_DIR / "train-images-idx3-ubyte.gz").is_file() or bool(os.environ.get("VF_DATA_DIR"))
+
+
+@pytest.fixture(autouse=True)
+def no_wandb_run_left_open() -> Iterator[None]:
+    """Finish any W&B run a test leaves open: Lightning's WandbLogger would otherwise reuse it in the next test."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None:
+        if getattr(wandb, "run", None) is not None:
+            wandb.finish()
+        gc.collect()  # collect finished runs now: collected later, they finish whatever run is active then
 
 
 @pytest.fixture

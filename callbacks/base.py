@@ -328,7 +328,7 @@ class DiagnosticCallback(Callback):
                     cache = trainer.__dict__.setdefault("_vf_callback_data", {})
                     key = (self.calib_samples, self.eval_samples, self.batch_size)
                     if key not in cache:
-                        cache[key] = CallbackData.from_datamodule(trainer.datamodule, *key, pl_module.device)
+                        cache[key] = CallbackData.from_datamodule(trainer.datamodule, *key, pl_module.device)  # type: ignore[attr-defined]
                     self.data = cache[key]
                 self.data.device = pl_module.device
                 self.run(trainer, pl_module, self.data)

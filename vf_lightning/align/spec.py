@@ -545,7 +545,7 @@ def _channel_layernorm(ctx: _Ctx, m: nn.Module) -> Desc:
 @register_module_handler(nn.LayerNorm, kind="norm")
 def _layernorm(ctx: _Ctx, m: nn.Module) -> Desc:
     d = ctx.desc(0)
-    shape = m.normalized_shape  # type: ignore[union-attr]
+    shape: tuple[int, ...] = tuple(m.normalized_shape)  # type: ignore[arg-type]
     if len(shape) != 1:
         ctx.require_fixed(d, range(len(d) - len(shape), len(d)), "LayerNorm over several permuted axes")
         return d

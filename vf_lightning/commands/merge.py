@@ -137,7 +137,7 @@ class MergeRun:
         self.test = self.dm.val_dataloader()
         self.example = first_inputs(self.calib, 2, self.device)
         self.out = Path(cfg.out_dir)
-        self.best_pfm: tuple[float, nn.Module | None, str] = (-1.0, None, "")
+        self.best_pfm: tuple[float, Any, str] = (-1.0, None, "")  # (acc, PFMModel | None, variant)
         # correction sites (conv/linear outputs) and variance-ratio sites (inputs of the activations)
         self.fix_sites = default_correction_sites(self.model_a)
         self.vr_sites = preactivation_sites(self.model_a)

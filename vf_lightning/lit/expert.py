@@ -122,7 +122,7 @@ class ExpertModule(ClassifierModule):
             "task": self.task,
             "classes": self.classes,
             "foundation": self.foundation_name,
-            "foundation_path": self.hparams.foundation,
+            "foundation_path": self.hparams["foundation"],
         }
         return save_model_checkpoint(self.net, self.net_config, path, meta=meta)
 

@@ -226,7 +226,7 @@ def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
+    paths: list[Path] = []
     summ = report["summary"]
     if not summ:
         return paths
@@ -270,10 +270,10 @@ def log_wandb(report: dict[str, Any], cfg: MultitaskConfig) -> None:
     from vf_lightning.loggers import resolve_offline
 
     mode = os.environ.get("WANDB_MODE") or ("offline" if resolve_offline(None) else "online")
-    run = wandb.init(project=cfg.wandb_project, name=f"multitask-{cfg.setting}", dir=cfg.out_dir, mode=mode,
+    run = wandb.init(project=cfg.wandb_project, name=f"multitask-{cfg.setting}", dir=cfg.out_dir, mode=mode,  # type: ignore[arg-type]
                      config=report["config"], reinit=True)
     try:
-        cols = ["method", "correction", "aligned", "mean_acc", "mean_normalized_acc"]
+        cols: list[str | int] = ["method", "correction", "aligned", "mean_acc", "mean_normalized_acc"]
         table = [[s[c] for c in cols] for s in report["summary"]]
         run.log({"multitask/summary": wandb.Table(columns=cols, data=table)})
         curves = report["variance_ratio"]["curves"]

@@ -152,7 +152,7 @@ def run_variant(prep: Prepared, tasks: Sequence[TaskData], method: str, correcti
         val_norm[lam] = [a / max(e, 1e-12) for a, e in zip(val, prep.expert_val)]
         models[lam] = model
     if method == "tall":  # λ_t per task: task t's body and correction depend only on its own λ_t
-        chosen = [max(lams, key=lambda lam, t=t: val_norm[lam][t]) for t in range(T)]
+        chosen = [max(lams, key=lambda lam, t=t: val_norm[lam][t]) for t in range(T)]  # type: ignore[misc]
     else:
         best = max(lams, key=lambda lam: sum(val_norm[lam]))
         chosen = [best] * T

@@ -10,7 +10,7 @@ export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install data demo fit-demo multitask-demo test lint typecheck bench clean
+.PHONY: install data demo fit-demo multitask-demo test check lint typecheck bench clean
 
 install: $(STAMP)
 
@@ -45,6 +45,9 @@ multitask-demo: install data
 test: install data
 	$(PY) -m pytest -q
 
+# test + ruff + mypy (the full pre-merge check)
+check: lint typecheck test
+
 lint: install
 	$(VENV)/bin/ruff check vf_lightning callbacks tests benchmarks
 
@@ -53,6 +56,9 @@ typecheck: install
 
 bench: install data
 	$(PY) benchmarks/train_throughput.py
+	$(PY) benchmarks/matching.py --samples 512
+	$(PY) benchmarks/merge.py
+	$(PY) benchmarks/callbacks.py
 
 clean:
 	rm -rf outputs wandb lightning_logs .pytest_cache

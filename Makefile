@@ -54,7 +54,7 @@ lint: install
 typecheck: install
 	$(VENV)/bin/mypy
 
-bench: install data
+bench: fit-demo
 	$(PY) benchmarks/train_throughput.py
 	$(PY) benchmarks/matching.py --samples 512
 	$(PY) benchmarks/merge.py

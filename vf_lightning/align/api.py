@@ -15,6 +15,7 @@ from vf_lightning.align.spec import PermutationSpec, build_permutation_spec
 from vf_lightning.align.statistics import GroupStats, activation_statistics, cross_correlation
 from vf_lightning.align.transforms import cca_transform, zipit_transform
 from vf_lightning.align.weight_matching import solve_lap, weight_matching
+from vf_lightning.registry import Registry
 from vf_lightning.stats import Moments, batch_inputs, model_device
 
 
@@ -25,31 +26,22 @@ class Matcher(Protocol):
                  loader: Iterable[object] | None, **opts: Any) -> AlignmentResult: ...
 
 
-MATCHERS: dict[str, Matcher] = {}
+MATCHERS: Registry[Matcher] = Registry("matching method")
 
 
 def register_matcher(name: str) -> Callable[[Matcher], Matcher]:
     """Register a matching method under ``name`` (usable from configs and :func:`align`)."""
-
-    def deco(fn: Matcher) -> Matcher:
-        if name in MATCHERS:
-            raise ValueError(f"matcher {name!r} is registered twice")
-        MATCHERS[name] = fn
-        return fn
-
-    return deco
+    return MATCHERS.register(name)
 
 
 def available_matchers() -> list[str]:
     """Names accepted by :func:`align`'s ``method``."""
-    return sorted(MATCHERS)
+    return MATCHERS.names()
 
 
 def get_matcher(method: str) -> Matcher:
     """The registered matcher, or a ``ValueError`` listing the valid names."""
-    if method not in MATCHERS:
-        raise ValueError(f"unknown matching method {method!r}; choose one of {', '.join(available_matchers())}")
-    return MATCHERS[method]
+    return MATCHERS.get_or_fail(method)
 
 
 def _need_loader(method: str, loader: Iterable[object] | None) -> Iterable[object]:

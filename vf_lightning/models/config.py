@@ -8,20 +8,21 @@ from typing import Any, Literal
 
 from torch import nn
 
+from vf_lightning.registry import Registry
+
 Norm = Literal["none", "bn", "ln", "fixup"]
 Init = Literal["default", "vgg_init", "lecun_normal"]
 
-_REGISTRY: dict[str, Callable[[ModelConfig], nn.Module]] = {}
+Builder = Callable[["ModelConfig"], nn.Module]
+_REGISTRY: Registry[Builder] = Registry("model")
 
 
-def register_model(*names: str) -> Callable[[Callable[[ModelConfig], nn.Module]], Callable[[ModelConfig], nn.Module]]:
+def register_model(*names: str) -> Callable[[Builder], Builder]:
     """Register a builder ``fn(cfg) -> nn.Module`` under one or more architecture names."""
 
-    def deco(fn: Callable[[ModelConfig], nn.Module]) -> Callable[[ModelConfig], nn.Module]:
+    def deco(fn: Builder) -> Builder:
         for name in names:
-            if name in _REGISTRY:
-                raise ValueError(f"model {name!r} is registered twice")
-            _REGISTRY[name] = fn
+            _REGISTRY.register(name)(fn)
         return fn
 
     return deco
@@ -29,7 +30,7 @@ def register_model(*names: str) -> Callable[[Callable[[ModelConfig], nn.Module]]
 
 def available_models() -> list[str]:
     """Names accepted by ``ModelConfig.arch``."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils import prune
 
+from vf_lightning.registry import Registry
 from vf_lightning.stats import model_device
 
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -58,26 +59,17 @@ class PruneContext:
 
 
 Pruner = Callable[[nn.Module, Modules, float, PruneContext], None]
-PRUNERS: dict[str, Pruner] = {}
+PRUNERS: Registry[Pruner] = Registry("pruner")
 
 
 def register_pruner(name: str) -> Callable[[Pruner], Pruner]:
     """Register ``fn(model, modules, sparsity, ctx)`` that attaches pruning masks to ``modules``' weights."""
-
-    def deco(fn: Pruner) -> Pruner:
-        if name in PRUNERS:
-            raise ValueError(f"pruner {name!r} is registered twice")
-        PRUNERS[name] = fn
-        return fn
-
-    return deco
+    return PRUNERS.register(name)
 
 
 def get_pruner(name: str) -> Pruner:
     """The pruner registered as ``name``; unknown names fail listing the valid ones."""
-    if name not in PRUNERS:
-        raise ValueError(f"unknown pruner {name!r}; choose one of {', '.join(sorted(PRUNERS))}")
-    return PRUNERS[name]
+    return PRUNERS.get_or_fail(name)
 
 
 @register_pruner("global_magnitude")

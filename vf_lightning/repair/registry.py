@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from vf_lightning.registry import Registry
 from vf_lightning.repair.bias import bias_calibrate, bias_calibrate_merged, zero_bias
 from vf_lightning.repair.correct import affine_correct, calibration_inputs, reset_bn_stats
 from vf_lightning.repair.goals import Goals, compute_goals
@@ -48,26 +49,17 @@ class NormContext:
 
 
 Normalization = Callable[[nn.Module, NormContext], nn.Module]
-NORMALIZATIONS: dict[str, Normalization] = {}
+NORMALIZATIONS: Registry[Normalization] = Registry("normalization")
 
 
 def register_normalization(name: str) -> Callable[[Normalization], Normalization]:
     """Register a normalization ``fn(model, ctx) -> nn.Module`` under ``name``."""
-
-    def deco(fn: Normalization) -> Normalization:
-        if name in NORMALIZATIONS:
-            raise ValueError(f"normalization {name!r} is registered twice")
-        NORMALIZATIONS[name] = fn
-        return fn
-
-    return deco
+    return NORMALIZATIONS.register(name)
 
 
 def get_normalization(name: str) -> Normalization:
     """The normalization registered as ``name``; unknown names fail listing the valid ones."""
-    if name not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {name!r}; choose one of {', '.join(sorted(NORMALIZATIONS))}")
-    return NORMALIZATIONS[name]
+    return NORMALIZATIONS.get_or_fail(name)
 
 
 def auto_normalization(model: nn.Module) -> str:

@@ -11,25 +11,16 @@ experts of their statistics on the union of all tasks' data, with one correction
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from vf_lightning.multitask.network import fold_into, head_name
+from vf_lightning.repair.goals import Goals, combine_goals, reference_stats
 from vf_lightning.repair.sites import preactivation_sites
-from vf_lightning.stats import iter_inputs, stream_moments
+from vf_lightning.stats import iter_inputs
 
-_LINEAR = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
-
-
-@dataclass(frozen=True)
-class SiteStats:
-    """Per-site channel means and population stds (float64), keyed by module name."""
-
-    mean: dict[str, torch.Tensor]
-    std: dict[str, torch.Tensor]
+SiteStats = Goals  # per-site channel means and population stds, keyed by module name
 
 
 def correction_sites(model: nn.Module) -> list[str]:
@@ -48,27 +39,16 @@ def cache_inputs(loader: Iterable[object], max_samples: int | None = None) -> li
     return data
 
 
-@torch.no_grad()
 def site_stats(model: nn.Module, sites: Sequence[str], data: Iterable[object]) -> SiteStats:
     """Exact channel mean/std of every site of ``model`` (eval mode) over ``data``, in one pass."""
-    was = model.training
-    model.eval()
-    try:
-        (mom,) = stream_moments([model], [list(sites)], data)
-    finally:
-        model.train(was)
-    return SiteStats({s: mom[s].mean for s in sites}, {s: mom[s].std for s in sites})
+    return reference_stats([model], data, list(sites))[0]
 
 
 def average_stats(stats: Sequence[SiteStats]) -> SiteStats:
     """Goals of shared REPAIR: ``μ* = mean_t μ_t`` and ``σ* = mean_t σ_t`` (the mean of stds, for any N)."""
     if not stats:
         raise ValueError("average_stats needs the statistics of at least one expert")
-    sites = list(stats[0].mean)
-    return SiteStats(
-        {s: torch.stack([st.mean[s] for st in stats]).mean(0) for s in sites},
-        {s: torch.stack([st.std[s] for st in stats]).mean(0) for s in sites},
-    )
+    return combine_goals(stats)
 
 
 @torch.no_grad()

@@ -68,9 +68,7 @@ def model_from_state(config: ModelConfig | dict[str, Any], state: dict[str, torc
     return model
 
 
-def load_model_checkpoint(path: str | Path) -> tuple[nn.Module, ModelConfig]:
-    """Load a standalone model checkpoint written by :func:`save_model_checkpoint`."""
-    obj = _read(path)
+def _model_from(obj: dict[str, Any], path: str | Path) -> tuple[nn.Module, ModelConfig]:
     if obj.get("format") != FORMAT:
         raise CheckpointError(
             f"{str(path)!r} is not a vf-lightning model checkpoint (format {obj.get('format')!r}); "
@@ -80,9 +78,7 @@ def load_model_checkpoint(path: str | Path) -> tuple[nn.Module, ModelConfig]:
     return model_from_state(cfg, obj["state_dict"], str(path)), cfg
 
 
-def load_pair(path: str | Path) -> tuple[nn.Module, nn.Module, ModelConfig]:
-    """Networks A and B from a ``PairModule`` Lightning checkpoint (``.ckpt``) of ``vf fit``."""
-    obj = _read(path)
+def _pair_from(obj: dict[str, Any], path: str | Path) -> tuple[nn.Module, nn.Module, ModelConfig]:
     hp = obj.get("hyper_parameters") or {}
     sd = obj.get("state_dict")
     if sd is None or "net" not in hp or not any(k.startswith("net_b.") for k in sd):
@@ -97,18 +93,27 @@ def load_pair(path: str | Path) -> tuple[nn.Module, nn.Module, ModelConfig]:
     return nets[0], nets[1], cfg
 
 
+def load_model_checkpoint(path: str | Path) -> tuple[nn.Module, ModelConfig]:
+    """Load a standalone model checkpoint written by :func:`save_model_checkpoint`."""
+    return _model_from(_read(path), path)
+
+
+def load_pair(path: str | Path) -> tuple[nn.Module, nn.Module, ModelConfig]:
+    """Networks A and B from a ``PairModule`` Lightning checkpoint (``.ckpt``) of ``vf fit``."""
+    return _pair_from(_read(path), path)
+
+
 def load_networks(paths: list[str] | str) -> tuple[list[nn.Module], list[ModelConfig]]:
     """Load networks from one pair checkpoint or from one or more model checkpoints."""
     if isinstance(paths, str):
         paths = [paths]
-    if len(paths) == 1:
-        obj_format = _read(paths[0]).get("format")
-        if obj_format != FORMAT:
-            a, b, cfg = load_pair(paths[0])
-            return [a, b], [cfg, cfg]
     models, cfgs = [], []
     for p in paths:
-        m, c = load_model_checkpoint(p)
+        obj = _read(p)  # each file is read once
+        if len(paths) == 1 and obj.get("format") != FORMAT:
+            a, b, cfg = _pair_from(obj, p)
+            return [a, b], [cfg, cfg]
+        m, c = _model_from(obj, p)
         models.append(m)
         cfgs.append(c)
     return models, cfgs

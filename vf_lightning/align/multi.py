@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -13,6 +12,7 @@ from torch import nn
 from vf_lightning.align.api import align
 from vf_lightning.align.permute import Perms, apply_permutation, check_compatible, identity_perms
 from vf_lightning.align.spec import PermutationSpec, build_permutation_spec
+from vf_lightning.merge.interpolate import average_models
 
 Mode = Literal["reference", "sequential", "iterative"]
 
@@ -26,16 +26,6 @@ class MultiAlignment:
     spec: PermutationSpec
     mode: str
     rounds: int
-
-
-def average_models(models: Sequence[nn.Module]) -> nn.Module:
-    """Uniform average of the models' float state entries (others from the first model)."""
-    states = [m.state_dict() for m in models]
-    avg = {k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v
-           for k, v in states[0].items()}
-    new = copy.deepcopy(models[0])
-    new.load_state_dict(avg)
-    return new
 
 
 def _compose(total: Perms, step: Perms) -> Perms:

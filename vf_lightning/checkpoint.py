@@ -117,3 +117,33 @@ def load_networks(paths: list[str] | str) -> tuple[list[nn.Module], list[ModelCo
         models.append(m)
         cfgs.append(c)
     return models, cfgs
+
+
+def load_expert(path: str | Path) -> tuple[nn.Module, ModelConfig, dict[str, Any]]:
+    """A task expert or foundation: a vf model checkpoint, or a ClassifierModule / ExpertModule ``.ckpt``.
+
+    Returns ``(model, config, meta)`` with ``meta = {"task", "classes", "foundation"}`` (``None`` where the
+    checkpoint does not say): a model checkpoint's ``meta``, or an ``ExpertModule``'s hyper-parameters
+    (``task``, ``classes``, ``foundation_name``). The model is on the CPU, in eval mode.
+    """
+    obj = _read(path)
+    if obj.get("format") == FORMAT:
+        if "model_config" not in obj or "state_dict" not in obj:
+            raise CheckpointError(f"{str(path)!r} is a vf model checkpoint without model_config / state_dict; "
+                                  "re-export it with save_model_checkpoint")
+        config = ModelConfig.from_dict(obj["model_config"])
+        state = dict(obj["state_dict"])
+        stored = dict(obj.get("meta") or {})
+    else:
+        hp = obj.get("hyper_parameters") or {}
+        state = {k[len("net.") :]: v for k, v in (obj.get("state_dict") or {}).items() if k.startswith("net.")}
+        if "net" not in hp or not state:
+            raise CheckpointError(
+                f"{str(path)!r} is neither a vf model checkpoint nor a ClassifierModule / ExpertModule checkpoint "
+                "(hyper_parameters.net and net.* weights); give experts exported by ExpertModule (export_path) "
+                "or the .ckpt files of `vf fit`"
+            )
+        config = ModelConfig.from_dict(hp["net"])
+        stored = {"task": hp.get("task"), "classes": hp.get("classes"), "foundation": hp.get("foundation_name")}
+    meta = {key: stored.get(key) for key in ("task", "classes", "foundation")}
+    return model_from_state(config, state, str(path)), config, meta

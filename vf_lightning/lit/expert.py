@@ -3,7 +3,7 @@
 Training is LP-FT (nonlocal-spec §1.3): the first ``probe_epochs`` train only the head (the body runs under
 ``no_grad``, so it gets no gradient and no weight decay), then everything is fine-tuned. At the end of fit
 the expert is exported as a standalone model checkpoint whose ``meta`` names its task, classes and
-foundation, which is what ``vf merge`` (``mode: multitask``) reads.
+foundation, which is what the multi-task merge (:func:`vf_lightning.merge.multitask.merge_experts`) reads.
 """
 
 from __future__ import annotations
@@ -13,32 +13,17 @@ from typing import Any
 
 import torch
 
-from vf_lightning.checkpoint import CheckpointError, save_model_checkpoint
+from vf_lightning.checkpoint import CheckpointError, load_expert, save_model_checkpoint
 from vf_lightning.lit.modules import ClassifierModule
 from vf_lightning.lit.optim import OptimConfig, ScheduleConfig
+from vf_lightning.merge.experts import head_name
 from vf_lightning.models import ModelConfig
-from vf_lightning.multitask.network import head_name
 
 
 def foundation_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """Weights of a foundation: a vf model checkpoint (``state_dict``) or a ClassifierModule ``.ckpt`` (``net.*``)."""
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(
-            f"foundation checkpoint {str(p)!r} does not exist; train it first "
-            "(e.g. `vf fit --config configs/fit/fmnist_foundation_a.yaml`)"
-        )
-    obj = torch.load(p, map_location="cpu", weights_only=True)
-    if obj.get("format") == "vf-model":
-        return dict(obj["state_dict"])
-    sd = obj.get("state_dict") or {}
-    net = {k[len("net.") :]: v for k, v in sd.items() if k.startswith("net.")}
-    if not net:
-        raise CheckpointError(
-            f"{str(path)!r} holds neither a vf model checkpoint nor a ClassifierModule checkpoint "
-            "(net.* weights); train the foundation with configs/fit/*_foundation_*.yaml"
-        )
-    return net
+    """Weights of a foundation: a vf model checkpoint or a ClassifierModule ``.ckpt`` (see :func:`load_expert`)."""
+    model, _, _ = load_expert(path)
+    return dict(model.state_dict())
 
 
 _DEFAULT_OPTIM = OptimConfig()

@@ -6,6 +6,7 @@ Usage: ``vf merge --config configs/merge/fmnist_nonlocal.yaml`` (YAML with ``mod
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import time
@@ -15,14 +16,12 @@ from typing import Any, Literal
 
 import torch
 
-from vf_lightning.checkpoint import CheckpointError
+from vf_lightning.data import DATAMODULES
 from vf_lightning.io import atomic_write_bytes, atomic_write_json
-from vf_lightning.models import ModelConfig
-from vf_lightning.multitask.alignment import align_through_foundations, unaligned_anchor
-from vf_lightning.multitask.correct import cache_inputs
-from vf_lightning.multitask.methods import MERGE_METHODS
-from vf_lightning.multitask.network import Expert
-from vf_lightning.multitask.pipeline import TaskData, VariantResult, prepare, result_rows, run_variant
+from vf_lightning.loggers import resolve_offline
+from vf_lightning.merge.experts import Expert
+from vf_lightning.merge.multitask import TaskData, merge_experts
+from vf_lightning.stats import iter_inputs
 
 
 @dataclass
@@ -76,52 +75,26 @@ class MultitaskConfig:
     seed: int = 0
 
 
-def _load_vf_model(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
-    p = Path(path)
-    if not p.is_file():
-        raise CheckpointError(f"checkpoint {path!r} does not exist; train it first (python -m "
-                              "vf_lightning.multitask.demo trains the Fashion-MNIST foundations and experts)")
-    obj = torch.load(p, map_location="cpu", weights_only=True)
-    if obj.get("format") == "vf-model":
-        return ModelConfig.from_dict(obj["model_config"]), dict(obj["state_dict"]), dict(obj.get("meta") or {})
-    hp, sd = obj.get("hyper_parameters") or {}, obj.get("state_dict") or {}
-    net = {k[len("net.") :]: v for k, v in sd.items() if k.startswith("net.")}
-    if "net" not in hp or not net:
-        raise CheckpointError(f"{path!r} is neither a vf model checkpoint nor a ClassifierModule/ExpertModule "
-                              "checkpoint; give experts exported by ExpertModule (export_path)")
-    meta = {k: hp.get(k) for k in ("task", "classes") if k in hp}
-    if "foundation_name" in hp:
-        meta["foundation"] = hp["foundation_name"]
-    return ModelConfig.from_dict(hp["net"]), net, meta
-
-
 def load_experts(cfg: MultitaskConfig, device: torch.device) -> tuple[list[Expert], dict[str, Expert]]:
-    """Experts and foundations as :class:`Expert` records on ``device`` (metadata from checkpoints if not given)."""
+    """Experts and foundations on ``device`` (task, classes and foundation from the checkpoints if not given)."""
+    if not cfg.experts:
+        raise ValueError("the multitask config lists no experts")
+    if not cfg.foundations:
+        raise ValueError("the multitask config lists no foundations; give at least the one the experts came from")
     experts = []
-    for i, e in enumerate(cfg.experts):
-        mcfg, state, meta = _load_vf_model(e.path)
-        task = e.task or meta.get("task") or f"task{i}"
-        classes = e.classes if e.classes is not None else meta.get("classes")
-        if classes is None:
+    for e in cfg.experts:
+        ex = Expert.from_checkpoint(e.path, e.task, e.classes, e.foundation)
+        if not ex.classes:
             raise ValueError(f"expert {e.path!r}: no `classes` in the config nor in its checkpoint; list the "
                              "original labels of its task")
-        foundation = e.foundation or meta.get("foundation") or cfg.reference
-        experts.append(Expert(task, mcfg, {k: v.to(device) for k, v in state.items()}, foundation, list(classes)))
-    foundations = {}
-    for name, path in cfg.foundations.items():
-        mcfg, state, _ = _load_vf_model(path)
-        foundations[name] = Expert(name, mcfg, {k: v.to(device) for k, v in state.items()}, name)
-    if not experts:
-        raise ValueError("the multitask config lists no experts")
-    if not foundations:
-        raise ValueError("the multitask config lists no foundations; give at least the one the experts came from")
+        experts.append(replace(ex, foundation=ex.foundation or cfg.reference).to(device))
+    foundations = {name: Expert.from_checkpoint(path, name, foundation=name).to(device)
+                   for name, path in cfg.foundations.items()}
     return experts, foundations
 
 
 def load_tasks(cfg: MultitaskConfig, experts: list[Expert]) -> list[TaskData]:
     """Calibration, validation and test data of every expert's task."""
-    from vf_lightning.data import DATAMODULES
-
     if cfg.data.dataset not in DATAMODULES:
         raise ValueError(f"unknown dataset {cfg.data.dataset!r}; choose one of {sorted(DATAMODULES)}")
     tasks = []
@@ -130,7 +103,7 @@ def load_tasks(cfg: MultitaskConfig, experts: list[Expert]) -> list[TaskData]:
                                            classes=e.classes, calib_samples=cfg.data.calib_samples,
                                            eval_batch_size=cfg.data.batch_size, num_workers=0, seed=cfg.data.seed)
         dm.setup("fit")
-        calib = cache_inputs(dm.calibration_dataloader(cfg.data.calib_samples, shard=False))
+        calib = list(iter_inputs(dm.calibration_dataloader(cfg.data.calib_samples, shard=False), "cpu"))
         xs, ys = zip(*[(x, y) for x, y in dm.val_dataloader()])
         x, y = torch.cat(xs), torch.cat(ys)
         b = cfg.data.batch_size
@@ -140,74 +113,31 @@ def load_tasks(cfg: MultitaskConfig, experts: list[Expert]) -> list[TaskData]:
     return tasks
 
 
-def _summary(res: VariantResult, aligned: bool) -> dict[str, Any]:
-    n = len(res.acc)
-    return {"method": res.method, "correction": res.correction, "aligned": aligned, "lam": res.lam,
-            "mean_acc": sum(res.acc) / n, "mean_normalized_acc": res.mean_normalized,
-            "variance_ratio": [sum(v[i] for v in res.variance_ratio) / n for i in range(len(res.variance_ratio[0]))],
-            "seconds": res.seconds}
-
-
 def run(cfg: MultitaskConfig, command: str = "") -> dict[str, Any]:
     """Run every (alignment, method, correction) variant and write ``report.json`` and plots into ``out_dir``."""
-    unknown = [m for m in cfg.methods if m not in MERGE_METHODS]
-    if unknown:
-        raise ValueError(f"unknown merge method(s) {unknown}; choose from {sorted(MERGE_METHODS)}")
     device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if cfg.device == "auto" else cfg.device))
     torch.manual_seed(cfg.seed)
     experts, foundations = load_experts(cfg, device)
     tasks = load_tasks(cfg, experts)
-    used = sorted({e.foundation for e in experts})
-    missing = [f for f in used if f not in foundations]
-    if missing:
-        raise ValueError(f"experts name foundation(s) {missing} that are not under `foundations`")
-    rows: list[dict[str, Any]] = []
-    summary: list[dict[str, Any]] = []
-    alignment_info: dict[str, Any] = {"matching": "none"}
-    sites: list[str] = []
-    expert_acc: list[float] = []
-    for aligned in cfg.align:
-        if aligned and len(used) < 2:
-            continue  # local setting: one foundation, nothing to align
-        if aligned:
-            others = [f for f in used if f != cfg.reference]
-            if len(others) != 1:
-                raise ValueError(f"alignment supports two foundations (reference {cfg.reference!r} + one); "
-                                 f"experts use {used}")
-            example = tasks[0].calib[0][:4].to(device)
-            al = align_through_foundations(foundations[cfg.reference], foundations[others[0]], experts, example,
-                                           seed=cfg.seed)
-            anchor, aligned_experts = al.anchor, al.experts
-            alignment_info = {"matching": "weight", "seconds": al.seconds, "groups": al.groups,
-                              "reference": cfg.reference}
-        else:
-            anchor = unaligned_anchor([foundations[f] for f in used])
-            aligned_experts = experts
-        prep = prepare(anchor, aligned_experts, tasks)
-        sites, expert_acc = prep.sites, prep.expert_test
-        for method in cfg.methods:
-            for corr in cfg.corrections:
-                res = run_variant(prep, tasks, method, corr, cfg.grids.get(method), cfg.options.get(method),
-                                  cfg.eps, cfg.max_scale)
-                rows += result_rows(res, prep, tasks, aligned, cfg.setting)
-                summary.append(_summary(res, aligned))
-                print(f"[multitask] aligned={aligned} {method:>15s} + {corr:<6s} mean normalized acc "
-                      f"{res.mean_normalized:.3f} (λ {res.lam})", flush=True)
-    curves = {f"{s['method']}/{s['correction']}/{'aligned' if s['aligned'] else 'unaligned'}": s["variance_ratio"]
-              for s in summary}
+    res = merge_experts(experts, foundations, tasks, cfg.methods, cfg.corrections, cfg.align, cfg.grids, cfg.options,
+                        {"seed": cfg.seed}, cfg.eps, cfg.max_scale, cfg.reference)
+    for s in res.summary:
+        print(f"[multitask] aligned={s['aligned']} {s['method']:>15s} + {s['correction']:<6s} mean normalized acc "
+              f"{s['mean_normalized_acc']:.3f} (λ {s['lam']})", flush=True)
     report = {
         "mode": "multitask",
         "setting": cfg.setting,
         "command": command,
         "config": asdict(cfg),
-        "experts": [{"task": e.name, "foundation": e.foundation, "classes": e.classes, "acc": a}
-                    for e, a in zip(experts, expert_acc)],
-        "alignment": alignment_info,
-        "sites": sites,
-        "results": rows,
-        "summary": summary,
-        "variance_ratio": {"layers": sites, "curves": curves},
+        "experts": res.experts,
+        "alignment": res.alignment,
+        "sites": res.variance_ratio["layers"],
+        "results": [{"setting": cfg.setting, **row} for row in res.rows],
+        "summary": res.summary,
+        "variance_ratio": res.variance_ratio,
+        "variance_ratio_of_means": res.variance_ratio_of_means,
+        "timing": res.timing,
     }
     out = Path(cfg.out_dir)
     atomic_write_json(report, out / "report.json")
@@ -219,8 +149,6 @@ def run(cfg: MultitaskConfig, command: str = "") -> dict[str, Any]:
 
 def write_plots(report: dict[str, Any], out: Path) -> list[Path]:
     """``normalized_acc.png`` (mean normalized accuracy per variant) and ``variance_ratio.png`` (per layer)."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -267,8 +195,6 @@ def log_wandb(report: dict[str, Any], cfg: MultitaskConfig) -> None:
     except ImportError:
         print("[multitask] wandb is not installed; skipping W&B logging", file=sys.stderr)
         return
-    from vf_lightning.loggers import resolve_offline
-
     mode = os.environ.get("WANDB_MODE") or ("offline" if resolve_offline(None) else "online")
     run = wandb.init(project=cfg.wandb_project, name=f"multitask-{cfg.setting}", dir=cfg.out_dir, mode=mode,  # type: ignore[arg-type]
                      config=report["config"], reinit=True)

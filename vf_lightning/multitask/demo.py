@@ -3,7 +3,7 @@
 ``python -m vf_lightning.multitask.demo [--setting nonlocal|local|all] [--force]`` trains the two foundations
 (``configs/fit/fmnist_foundation_{a,b}.yaml``) and one expert per task (``configs/fit/fmnist_expert*.yaml``)
 when their checkpoints are absent, then runs ``configs/merge/fmnist_{setting}.yaml`` through the multi-task
-merge command. Without ``vf_lightning.align.weight_matching`` the aligned variants are skipped (said so).
+merge command (a thin adapter over :func:`vf_lightning.merge.multitask.merge_experts`).
 """
 
 from __future__ import annotations
@@ -55,13 +55,6 @@ def train_missing(setting: str, force: bool = False) -> None:
         ])
 
 
-def has_weight_matching() -> bool:
-    """True when the alignment engine exposes ``weight_matching``."""
-    import vf_lightning.align as align
-
-    return hasattr(align, "weight_matching")
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", choices=["nonlocal", "local", "all"], default="nonlocal")
@@ -73,10 +66,6 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         train_missing(setting, args.force)
         extra = []
-        if setting == "nonlocal" and not has_weight_matching():
-            print("[demo] vf_lightning.align.weight_matching is not available: running unaligned variants only",
-                  flush=True)
-            extra.append("--align=[false]")
         if args.no_wandb:
             extra.append("--wandb=false")
         command.main(["--config", str(MERGE / f"fmnist_{setting}.yaml"), *extra])

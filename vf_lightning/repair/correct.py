@@ -107,14 +107,19 @@ def reset_bn_stats(
 
 def affine_coefficients(
     method: AffineMethod, mean: torch.Tensor, var: torch.Tensor, goal_mean: torch.Tensor, goal_std: torch.Tensor,
-    eps: float = 1e-5,
+    eps: float = 1e-5, max_scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel ``(a, c)`` with corrected output ``a·x + c`` for REPAIR, RESCALE (c=0) or RESHIFT (a=1)."""
+    """Per-channel ``(a, c)`` with corrected output ``a·x + c`` for REPAIR, RESCALE (c=0) or RESHIFT (a=1).
+
+    ``a = σ*/sqrt(var + ε)``, capped at ``max_scale`` so that dead channels (var ≈ 0) do not explode.
+    """
     goal_mean = goal_mean.to(mean)
     goal_std = goal_std.to(mean)
     if method == "reshift":
         return torch.ones_like(mean), goal_mean - mean
     a = goal_std / (var + eps).sqrt()
+    if max_scale is not None:
+        a = a.clamp(max=max_scale)
     if method == "rescale":
         return a, torch.zeros_like(mean)
     if method == "repair":
@@ -132,12 +137,15 @@ def affine_correct(
     eps: float = 1e-5,
     reset_bn: bool = True,
     inplace: bool = False,
+    max_scale: float | None = None,
 ) -> nn.Module:
     """REPAIR / RESCALE / RESHIFT the outputs of ``sites`` (default: ``goals.sites``) towards ``goals``, folded in.
 
     Corrections are estimated sequentially in forward order, each on the model already corrected upstream.
-    With ``reset_bn`` every BatchNorm is also RESET in the same walk (as the reference's RESET pass does);
-    otherwise stale running statistics would undo the correction. Returns a plain model of the same class.
+    Sites may be Conv/Linear layers or affine norm layers (their weight/bias absorb the correction). With
+    ``reset_bn`` every other BatchNorm is also RESET in the same walk (as the reference's RESET pass does);
+    otherwise stale running statistics would undo the correction. ``max_scale`` caps the scale ``a`` (dead
+    channels). Returns a plain model of the same class.
     """
     out = model if inplace else copy.deepcopy(model)
     names = list(sites) if sites is not None else goals.sites
@@ -146,11 +154,11 @@ def affine_correct(
         raise KeyError(f"no goal statistics for site(s) {missing}; compute goals with the same site list")
     modules = dict(out.named_modules())
     kinds: dict[str, SiteKind] = dict.fromkeys(names, "output")
-    if reset_bn:
-        kinds.update(dict.fromkeys(batchnorm_sites(out), "bn"))
+    if reset_bn:  # a BatchNorm that is itself a site keeps its stats: its corrected output is exact anyway
+        kinds.update({n: "bn" for n in batchnorm_sites(out) if n not in kinds})
 
     def on_output(name: str, mom: Moments) -> tuple[torch.Tensor, torch.Tensor]:
-        a, c = affine_coefficients(method, mom.mean, mom.var, goals.mean[name], goals.std[name], eps)
+        a, c = affine_coefficients(method, mom.mean, mom.var, goals.mean[name], goals.std[name], eps, max_scale)
         fold_affine(modules[name], a, c)
         return a, c
 

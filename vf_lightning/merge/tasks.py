@@ -1,9 +1,10 @@
-"""Multi-task merging of expert bodies: task arithmetic, TIES, TALL masks and consensus (nonlocal-spec §2).
+"""Task merging of expert bodies: task arithmetic, TIES, TALL masks and consensus (nonlocal-spec §2).
 
-Every method is a pure function over state dicts of *bodies* (heads are never merged): an anchor ``θ_0``
-and one body per expert ``θ_t``, all with the same keys. Only floating-point tensors are merged; other
-entries (e.g. BatchNorm counters) are copied from the anchor. Methods are registered by name in
-:data:`MERGE_METHODS` and return a :class:`MergeOutput` holding one shared body or one body per task.
+Every method is a pure function ``fn(anchor, experts, lam, *, options...) -> MergeOutput`` over state dicts
+of *bodies* (heads are never merged): an anchor ``θ_0`` and one body per expert ``θ_t``, all with the same
+keys. Only floating-point tensors are merged; other entries (e.g. BatchNorm counters) are copied from the
+anchor. ``lam`` is the swept scale (λ, or λ_t for TALL); the keyword-only parameters are the method's
+typed options. Methods are registered in :data:`TASK_MERGERS`; :func:`merge_bodies` runs one by name.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+
+from vf_lightning.registry import Registry
 
 StateDict = dict[str, torch.Tensor]
 Scope = Literal["global", "tensor"]
@@ -34,6 +37,18 @@ class MergeOutput:
     def body(self, task: int) -> StateDict:
         """The body used for ``task``."""
         return self.bodies[0] if self.shared else self.bodies[task]
+
+
+TaskMerger = Callable[..., MergeOutput]
+TASK_MERGERS: Registry[TaskMerger] = Registry("task merging method")
+
+# λ grids searched on validation data by default (nonlocal-spec §2); ``tall`` searches λ_t per task.
+DEFAULT_GRIDS: dict[str, list[float]] = {
+    "task_arithmetic": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0],
+    "ties": [0.4, 0.6, 0.8, 1.0, 1.2, 1.5],
+    "tall": [0.2, 0.3, 0.4, 0.5, 0.6],
+    "consensus": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0],
+}
 
 
 def merge_keys(anchor: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]]) -> list[str]:
@@ -71,6 +86,7 @@ def sum_vectors(vectors: Sequence[Mapping[str, torch.Tensor]]) -> StateDict:
 # Task arithmetic
 
 
+@TASK_MERGERS.register("task_arithmetic")
 def task_arithmetic(
     anchor: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]], lam: float = 0.3
 ) -> MergeOutput:
@@ -162,10 +178,12 @@ def ties_vector(
     return out
 
 
+@TASK_MERGERS.register("ties")
 def ties(
     anchor: Mapping[str, torch.Tensor],
     experts: Sequence[Mapping[str, torch.Tensor]],
     lam: float = 1.0,
+    *,
     k: float = 0.2,
     scope: Scope = "global",
     merge: TiesMerge = "mean",
@@ -202,17 +220,16 @@ def tall_masks(
     lams = [float(lambdas)] * len(vectors) if isinstance(lambdas, (int, float)) else [float(x) for x in lambdas]
     if len(lams) != len(vectors):
         raise ValueError(f"TALL got {len(lams)} λ_t values for {len(vectors)} tasks")
-    masks = []
-    for v, lam in zip(vectors, lams):
-        cmp = torch.gt if strict else torch.ge
-        masks.append({key: cmp(v[key].abs(), lam * (mtl[key] - v[key]).abs()) for key in v})
-    return masks
+    cmp = torch.gt if strict else torch.ge
+    return [{key: cmp(v[key].abs(), lam * (mtl[key] - v[key]).abs()) for key in v} for v, lam in zip(vectors, lams)]
 
 
+@TASK_MERGERS.register("tall")
 def tall(
     anchor: Mapping[str, torch.Tensor],
     experts: Sequence[Mapping[str, torch.Tensor]],
     lam: float | Sequence[float] = 0.4,
+    *,
     mtl: MtlVector = "task_arithmetic",
     k: float = 0.2,
     scope: Scope = "global",
@@ -225,10 +242,12 @@ def tall(
     return MergeOutput([add_vector(anchor, {key: m[key] * tau[key] for key in tau}) for m in masks])
 
 
+@TASK_MERGERS.register("consensus")
 def consensus(
     anchor: Mapping[str, torch.Tensor],
     experts: Sequence[Mapping[str, torch.Tensor]],
     lam: float = 0.5,
+    *,
     min_tasks: int = 2,
     tall_lambda: float | Sequence[float] = 0.4,
     mtl: MtlVector = "task_arithmetic",
@@ -244,41 +263,22 @@ def consensus(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Registry
-
-MergeFn = Callable[..., MergeOutput]
-MERGE_METHODS: dict[str, MergeFn] = {
-    "task_arithmetic": task_arithmetic,
-    "ties": ties,
-    "tall": tall,
-    "consensus": consensus,
-}
-
-# λ grids searched on validation data by default (nonlocal-spec §2); ``tall`` searches λ_t per task.
-DEFAULT_GRIDS: dict[str, list[float]] = {
-    "task_arithmetic": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0],
-    "ties": [0.4, 0.6, 0.8, 1.0, 1.2, 1.5],
-    "tall": [0.2, 0.3, 0.4, 0.5, 0.6],
-    "consensus": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0],
-}
+# Running a method by name
 
 
-def register_merge_method(name: str, fn: MergeFn, grid: Sequence[float] | None = None) -> None:
-    """Add a merge method ``fn(anchor, experts, lam=..., **options) -> MergeOutput`` under ``name``."""
-    if name in MERGE_METHODS:
-        raise ValueError(f"merge method {name!r} is registered twice")
-    MERGE_METHODS[name] = fn
-    if grid is not None:
-        DEFAULT_GRIDS[name] = list(grid)
+def check_task_options(method: str, options: Mapping[str, Any] | None, owner: str = "task merging") -> None:
+    """Fail naming the first option that ``method`` does not accept (or a mistyped value), before any work."""
+    TASK_MERGERS.check_options(method, dict(options or {}), owner)
 
 
 def merge_bodies(
     method: str,
     anchor: Mapping[str, torch.Tensor],
     experts: Sequence[Mapping[str, torch.Tensor]],
-    **options: Any,
+    lam: float | Sequence[float],
+    options: Mapping[str, Any] | None = None,
 ) -> MergeOutput:
-    """Run the registered merge ``method`` (task_arithmetic | ties | tall | consensus) with ``options``."""
-    if method not in MERGE_METHODS:
-        raise ValueError(f"unknown merge method {method!r}; registered: {', '.join(sorted(MERGE_METHODS))}")
-    return MERGE_METHODS[method](anchor, experts, **options)
+    """Run the registered ``method`` (task_arithmetic | ties | tall | consensus) at ``lam`` with ``options``."""
+    fn = TASK_MERGERS.get_or_fail(method)
+    check_task_options(method, options, f"merge_bodies({method!r})")
+    return fn(anchor, experts, lam, **dict(options or {}))

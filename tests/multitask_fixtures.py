@@ -1,4 +1,5 @@
-"""The synthetic multi-domain tasks of nonlocal-spec §6.1: foundations, local and non-local experts in seconds on CPU.
+"""Test fixture: the synthetic multi-domain tasks of nonlocal-spec §6.1 (foundations, local and non-local experts
+in seconds on CPU).
 
 Task t has ``classes`` classes with task-specific means in R^d plus unit noise, pushed through a fixed random
 projection and ``2·tanh``, plus a task-specific shift: tasks differ in input distribution and in labels.
@@ -7,14 +8,16 @@ Models are float64 MLPs of the zoo (``mlp`` with ``in_channels = d``, ``image_si
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vf_lightning.merge.experts import Expert, align_through_foundations, head_name, unaligned_anchor
+from vf_lightning.merge.multitask import TaskData, batches, prepare, run_variant
 from vf_lightning.models import ModelConfig, build_model
-from vf_lightning.multitask.network import Expert, head_name
 
 
 @dataclass
@@ -123,9 +126,6 @@ def build_setting(
 
 def results_table(seed: int = 0, local: bool = False) -> list[str]:
     """Markdown rows: mean normalized accuracy (none / REPAIR / TACT) and mean VR per layer for TA, TIES, TALL."""
-    from vf_lightning.multitask.alignment import align_through_foundations, unaligned_anchor
-    from vf_lightning.multitask.pipeline import TaskData, batches, prepare, run_variant
-
     s = build_setting(seed, local=local)
     tasks = [TaskData(t.name, [t.x_train[:1000]], batches(t.x_train[1000:], t.y_train[1000:]),
                       batches(t.x_test, t.y_test)) for t in s.tasks]
@@ -139,20 +139,14 @@ def results_table(seed: int = 0, local: bool = False) -> list[str]:
         prep = prepare(anchor, experts, tasks)
         for method in ("task_arithmetic", "ties", "tall"):
             r = {c: run_variant(prep, tasks, method, c) for c in ("none", "repair", "tact")}  # type: ignore[arg-type]
-
-            def vr(c: str, r: dict = r, layers: int = len(prep.sites)) -> str:  # type: ignore[type-arg]
-                n = len(r[c].variance_ratio)
-                return " / ".join(f"{sum(v[i] for v in r[c].variance_ratio) / n:.2f}" for i in range(layers))
-
+            vr = {c: " / ".join(f"{v:.2f}" for v in r[c].curve(prep.sites)) for c in r}
             rows.append(f"| {'local' if local else 'non-local'} | {'yes' if aligned else 'no'} | {method} | "
                         f"{r['none'].mean_normalized:.3f} | {r['repair'].mean_normalized:.3f} | "
-                        f"{r['tact'].mean_normalized:.3f} | {vr('none')} → {vr('tact')} |")
+                        f"{r['tact'].mean_normalized:.3f} | {vr['none']} → {vr['tact']} |")
             print(rows[-1], flush=True)
     return rows
 
 
 if __name__ == "__main__":
-    import sys
-
     torch.set_num_threads(1)
     results_table(int(sys.argv[1]) if len(sys.argv) > 1 else 0, local="--local" in sys.argv)

@@ -17,6 +17,7 @@ from vf_lightning.align.api import (
     weight_matcher,
     zip_matching,
 )
+from vf_lightning.align.graph import ModelGraph
 from vf_lightning.align.multi import MultiAlignment, align_many, average_models
 from vf_lightning.align.permute import (
     apply_permutation,
@@ -55,6 +56,7 @@ __all__ = [
     "AlignmentResult",
     "CrossMoments",
     "GroupTransform",
+    "ModelGraph",
     "MultiAlignment",
     "PermAxis",
     "PermGroup",

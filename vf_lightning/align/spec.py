@@ -4,7 +4,8 @@ Every tensor axis that carries features gets an *axis variable*; each op links t
 axes it connects (conv in/out, norm channels, residual additions, flatten, ...). A union-find turns
 the links into groups of parameter axes that must share one permutation. Axes linked to the model's
 input or output are *fixed* and never permuted. Ops without a handler fail with :class:`UnsupportedOpError`
-naming the fx node.
+naming the fx node. The fx trace itself (:func:`trace`, leaves given by :func:`is_leaf_module`) is the
+package's only one; :class:`vf_lightning.align.graph.ModelGraph` answers the structural questions over it.
 """
 
 from __future__ import annotations
@@ -19,8 +20,13 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.instancenorm import _InstanceNorm
 
 from vf_lightning.models.layers import ChannelLayerNorm
+
+AFFINE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+NORM_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm, nn.LayerNorm, nn.GroupNorm, _InstanceNorm)
 
 Role = Literal["out", "in"]
 SiteKind = Literal["producer", "norm", "act", "pool", "add", "other", "consumer"]
@@ -269,12 +275,10 @@ class _Ctx:
 
 
 class _LeafTracer(fx.Tracer):
-    """fx tracer that keeps every module with a registered handler as a leaf."""
+    """The package's one fx tracer: keeps :func:`is_leaf_module` modules as leaves (see :func:`trace`)."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if _lookup_module(m) is not None:
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
+        return is_leaf_module(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 class _SpecTracer(fx.Interpreter):
@@ -729,12 +733,17 @@ register_function_handler(F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d)(_po
 # public entry
 
 
-def trace_graph(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model``, keeping modules with a registered handler as leaves."""
-    tracer = _LeafTracer()
+def is_leaf_module(m: nn.Module) -> bool:
+    """Modules the trace keeps whole: those with a permutation handler, and every Conv/Linear/norm layer."""
+    return _lookup_module(m) is not None or isinstance(m, AFFINE_TYPES + NORM_TYPES)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """The one fx trace of ``model`` (leaves: :func:`is_leaf_module`); use it through
+    :func:`vf_lightning.align.graph.trace` / :class:`~vf_lightning.align.graph.ModelGraph`."""
     try:
-        graph = tracer.trace(model)
-    except Exception as e:
+        graph = _LeafTracer().trace(model)
+    except Exception as e:  # tracing failures come in many types
         raise UnsupportedOpError(
             f"torch.fx cannot trace {type(model).__name__}: {e}. Make its forward traceable (no data-dependent "
             "control flow) or register a module handler for the offending submodule") from e
@@ -742,9 +751,14 @@ def trace_graph(model: nn.Module) -> fx.GraphModule:
 
 
 @torch.no_grad()
-def build_permutation_spec(model: nn.Module, example_input: torch.Tensor) -> PermutationSpec:
-    """Trace ``model`` on ``example_input`` and return the groups of axes that share one permutation."""
-    gm = trace_graph(model)
+def build_permutation_spec(model: nn.Module, example_input: torch.Tensor,
+                           graph: fx.GraphModule | None = None) -> PermutationSpec:
+    """The groups of axes of ``model`` that share one permutation, found by running its trace on ``example_input``.
+
+    ``graph`` is a trace of ``model`` to reuse (:attr:`ModelGraph.gm <vf_lightning.align.graph.ModelGraph>`);
+    without it the model is traced here.
+    """
+    gm = graph if graph is not None else trace(model)
     tracer = _SpecTracer(gm, model)
     was_training = model.training
     model.eval()

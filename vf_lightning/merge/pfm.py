@@ -36,9 +36,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from vf_lightning.align.graph import AFFINE_TYPES, ModelGraph
 from vf_lightning.align.permute import identity_perms
 from vf_lightning.align.results import AlignmentResult
-from vf_lightning.align.spec import PermutationSpec, build_permutation_spec, trace_graph
+from vf_lightning.align.spec import PermutationSpec
 from vf_lightning.align.transforms import merge_models, model_maps, transform_model
 from vf_lightning.diagnostics.complexity import count_flops, count_params
 from vf_lightning.io import atomic_torch_save
@@ -55,7 +56,7 @@ from vf_lightning.repair import (
     sequential_estimate,
     zero_bias,
 )
-from vf_lightning.repair.sites import AFFINE_TYPES, batchnorm_sites
+from vf_lightning.repair.sites import batchnorm_sites
 from vf_lightning.stats import Moments, model_device
 
 PFM_FORMAT = "vf-pfm"
@@ -112,7 +113,7 @@ class PFMLayout:
                            f"({len(self.layers)} feature spaces + the classifier), got {preserved}")
 
 
-def pfm_layout(spec: PermutationSpec, graph: fx.Graph) -> PFMLayout:
+def pfm_layout(spec: PermutationSpec, graph: ModelGraph) -> PFMLayout:
     """Order the spec's groups for PFM (last writer in forward order) and map conv/linear modules to groups."""
     owner_out: dict[str, str] = {}
     owner_in: dict[str, str] = {}
@@ -127,33 +128,27 @@ def pfm_layout(spec: PermutationSpec, graph: fx.Graph) -> PFMLayout:
             elif ax.key.endswith(".weight") and ax.axis == 1:
                 owner_in[module] = g.name
     position: dict[str, int] = {}
-    calls: dict[str, int] = {}
-    affine: list[str] = []
-    root = graph.owning_module
-    for i, node in enumerate(graph.nodes):
+    for i, node in enumerate(graph.gm.graph.nodes):
         if node.op != "call_module":
             continue
-        target = str(node.target)
-        calls[target] = calls.get(target, 0) + 1
-        if root is not None and isinstance(root.get_submodule(target), AFFINE_TYPES) and target not in affine:
-            affine.append(target)
         for group, mods in writers.items():
-            if target in mods:
+            if str(node.target) in mods:
                 position[group] = i
     missing = [g.name for g in spec.groups if g.name not in position]
     if missing:
         raise PFMError(f"feature space(s) {missing} have no conv/linear/norm writer in the traced graph; "
                        "PFM needs every permutation group to be produced by a layer")
-    shared = [m for m in affine if calls[m] > 1]
+    affine = graph.producers
+    shared = [m for m in affine if len(graph.calls(m)) > 1]
     if shared:
         raise PFMError(f"conv/linear module(s) {shared} are called more than once per forward; PFM cannot cut a "
                        "graph at a shared layer")
     layers = tuple(sorted(position, key=lambda g: position[g]))
     out_group = {m: owner_out.get(m) for m in affine}
     in_group = {m: owner_in.get(m) for m in affine}
-    outputs = tuple(m for m in affine if out_group[m] is None)
+    outputs = tuple(graph.output_layers)
     if not outputs:
-        raise PFMError("no output layer found (a conv/linear whose output axis is the model output)")
+        raise PFMError("no output layer found (a conv/linear from which the model output is reached directly)")
     return PFMLayout(layers, out_group, in_group, outputs)
 
 
@@ -167,22 +162,6 @@ def _identity_maps(spec: PermutationSpec, device: torch.device) -> Maps:
 
 # ----------------------------------------------------------------------------------------------------------------
 # graph surgery
-
-
-def _prefix_graph(graph: fx.Graph, outputs: Sequence[fx.Node]) -> fx.Graph:
-    """The part of ``graph`` needed to compute ``outputs``, returning them as a tuple."""
-    new = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    wanted = set(outputs)
-    for node in graph.nodes:
-        if node.op == "output":
-            break
-        env[node] = new.node_copy(node, lambda n: env[n])
-        wanted.discard(node)
-        if not wanted and node.op != "placeholder":
-            break
-    new.output(tuple(env[n] for n in outputs))
-    return new
 
 
 def _suffix_graph(graph: fx.Graph, transitions: Sequence[str], flatten: Sequence[bool]) -> fx.Graph:
@@ -313,8 +292,9 @@ class PreserveFirstMerger:
         self.spec = alignment.spec
         self.transforms = alignment.transforms
         self.device = model_device(model_a)
-        self.graph = trace_graph(model_a).graph
-        self.layout = pfm_layout(self.spec, self.graph)
+        self.model_graph = ModelGraph.of(model_a)
+        self.graph = self.model_graph.gm.graph
+        self.layout = pfm_layout(self.spec, self.model_graph)
         self._merged: dict[str, nn.Module] = {}
         self._bases: dict[int, tuple[nn.Module, nn.Module]] = {}
         self._stats: tuple[Iterable[object], int | None, list[Goals]] | None = None
@@ -362,9 +342,8 @@ class PreserveFirstMerger:
             return PFMModel(None, None, copy.deepcopy(base_merged).eval(), preserved, [], [], lay.layers,
                             lay.outputs)
         base_a, base_b = self._transformed_bases(preserved)
-        nodes = {str(n.target): n for n in self.graph.nodes if n.op == "call_module"}
-        a = _graph_module(copy.deepcopy(base_a), _prefix_graph(self.graph, [nodes[t] for t in trans]))
-        b = _graph_module(copy.deepcopy(base_b), _prefix_graph(self.graph, [nodes[t] for t in trans]))
+        a = self.model_graph.truncated(trans, root=copy.deepcopy(base_a))
+        b = self.model_graph.truncated(trans, root=copy.deepcopy(base_b))
         root = copy.deepcopy(base_merged)
         flatten = [isinstance(self.model_a.get_submodule(t), nn.Linear) for t in trans]
         for t in trans:
@@ -430,8 +409,9 @@ def build_pfm(model_a: nn.Module, model_b: nn.Module, alignment: AlignmentResult
 
 def max_preserved(model: nn.Module, example_input: torch.Tensor, spec: PermutationSpec | None = None) -> int:
     """Largest number of preserved layers for ``model`` (feature spaces + 1; the ensemble)."""
-    spec = spec if spec is not None else build_permutation_spec(model, example_input)
-    return pfm_layout(spec, trace_graph(model).graph).max_preserved
+    graph = ModelGraph.of(model)
+    spec = spec if spec is not None else graph.spec(example_input)
+    return pfm_layout(spec, graph).max_preserved
 
 
 def pfm_goals_for(goals: Goals, pfm: PFMModel) -> Goals:
@@ -568,7 +548,7 @@ def load_pfm(path: str | Path, map_location: str | torch.device = "cpu") -> tupl
     cfg = ModelConfig.from_dict(obj["model_config"])
     skeleton = build_model(cfg).eval()
     example = torch.zeros(2, cfg.in_channels, cfg.image_size, cfg.image_size)
-    spec = build_permutation_spec(skeleton, example)
+    spec = ModelGraph.of(skeleton).spec(example)
     ident = AlignmentResult(method="identity", spec=spec, perms=identity_perms(spec))
     pfm = PreserveFirstMerger(skeleton, copy.deepcopy(skeleton), ident).build(int(obj["preserved"]))
     if pfm.transitions != list(obj.get("transitions", pfm.transitions)):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vf_lightning.repair.sites import default_correction_sites
+from vf_lightning.align.graph import ModelGraph
 from vf_lightning.stats import stream_moments
 
 
@@ -55,13 +55,14 @@ def reference_stats(
     sites: Sequence[str] | None = None,
     max_samples: int | None = None,
 ) -> list[Goals]:
-    """Output statistics of ``sites`` (default: every Conv/Linear but the last) for each model, in one pass.
+    """Output statistics of ``sites`` (default: the traced graph's correction sites, method-spec §5.2) for each
+    model, in one pass.
 
     Models run in eval mode (restored afterwards) on the first ``max_samples`` inputs of ``loader``.
     """
     if not models:
         raise ValueError("reference_stats needs at least one reference model")
-    names = list(sites) if sites is not None else default_correction_sites(models[0])
+    names = list(sites) if sites is not None else ModelGraph.of(models[0]).correction_sites()
     modes = [m.training for m in models]
     for m in models:
         m.eval()

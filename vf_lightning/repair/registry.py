@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from vf_lightning.align.graph import ModelGraph
 from vf_lightning.registry import Registry
 from vf_lightning.repair.bias import bias_calibrate, bias_calibrate_merged, zero_bias
 from vf_lightning.repair.correct import affine_correct, calibration_inputs, reset_bn_stats
 from vf_lightning.repair.goals import Goals, compute_goals
-from vf_lightning.repair.sites import default_correction_sites, has_batchnorm, has_normalization
+from vf_lightning.repair.sites import has_batchnorm, has_normalization
 
 
 @dataclass
@@ -39,12 +40,13 @@ class NormContext:
         return self.data
 
     def resolve_goals(self, model: nn.Module, name: str) -> Goals:
-        """``goals`` if given, else computed from ``refs`` (one pass) on the calibration data."""
+        """``goals`` if given, else computed from ``refs`` (one pass) on the calibration data, by default at the
+        traced graph's correction sites (method-spec §5.2)."""
         if self.goals is not None:
             return self.goals.averaged() if self.average else self.goals
         if not self.refs:
             raise ValueError(f"normalization {name!r} needs reference models (refs=[...]) or precomputed goals")
-        sites = list(self.sites) if self.sites is not None else default_correction_sites(model)
+        sites = list(self.sites) if self.sites is not None else ModelGraph.of(model).correction_sites()
         return compute_goals(self.refs, self.need_data(name), self.weights, sites, self.max_samples, self.average)
 
 

@@ -1,0 +1,309 @@
+"""One traced model graph answers every structural question (DESIGN §3).
+
+:meth:`ModelGraph.of` traces a model once (cached per model object) and derives from the graph, never from
+module names: the Conv/Linear *producers* in forward order, the *output layers*, the REPAIR correction sites
+(method-spec §5.2), the variance-ratio sites (inputs of the activations), truncated graphs that stop once
+given nodes are computed (sequential REPAIR levels, PFM prefixes) and the permutation spec.
+
+Residual structure is read off the graph. A *residual add* is an add/sub node with at least two operands that
+depend on the input. At each one the operands are followed back to their latest common ancestor, the *fork*;
+the operand whose path from the fork holds the most producers is the *residual branch*, the others are
+*shortcuts*. The nodes on a shortcut path (fork included) carry the *residual stream*. The spec rule corrects
+every producer except output layers, producers in the stream (projection shortcuts) and producers whose output
+reaches the stream through single-input ops only without ending a branch there (the ResNet stem).
+"""
+
+from __future__ import annotations
+
+import operator
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from vf_lightning.align.spec import (
+    AFFINE_TYPES,
+    NORM_TYPES,
+    PermutationSpec,
+    build_permutation_spec,
+    trace,
+)
+
+__all__ = ["AFFINE_TYPES", "CORRECTION_RULES", "NORM_TYPES", "ModelGraph", "trace"]
+
+CORRECTION_RULES = ("spec", "all")
+_ADD_FUNCTIONS: set[Callable[..., Any]] = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add,
+                                           torch.sub}
+_ADD_METHODS = {"add", "add_", "sub", "sub_"}
+_SHAPE_METHODS = {"size", "dim", "numel", "ndimension"}
+_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device"}
+_GRAPHS: weakref.WeakKeyDictionary[nn.Module, ModelGraph] = weakref.WeakKeyDictionary()
+
+
+def _attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _is_shape_query(n: fx.Node) -> bool:
+    if n.op == "call_method":
+        return str(n.target) in _SHAPE_METHODS
+    return n.op == "call_function" and n.target is getattr and len(n.args) > 1 and n.args[1] in _SHAPE_ATTRS
+
+
+class ModelGraph:
+    """The fx trace of one model and everything structural derived from it; build with :meth:`of`.
+
+    ``gm`` is the trace (it shares the model's leaf modules and parameters), ``producers`` the Conv/Linear
+    modules in forward order and ``output_layers`` the producers from which the model output is reached
+    without passing another producer.
+    """
+
+    def __init__(self, model: nn.Module, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self._model = weakref.ref(model)
+        self._nodes = list(gm.graph.nodes)
+        self._index = {n: i for i, n in enumerate(self._nodes)}
+        self._calls: dict[str, list[fx.Node]] = {}
+        for n in self._nodes:
+            if n.op == "call_module":
+                self._calls.setdefault(str(n.target), []).append(n)
+        self._producer_nodes = [n for n in self._nodes if self._is_producer(n)]
+        self.producers: list[str] = list(dict.fromkeys(str(n.target) for n in self._producer_nodes))
+        self._data = self._data_nodes()
+        heads = self._output_producers()
+        self.output_layers: list[str] = [p for p in self.producers if any(n in heads for n in self._calls[p])]
+        self._uncorrected = heads | self._residual_exclusions()
+        self._specs: dict[tuple[Any, ...], PermutationSpec] = {}
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelGraph:
+        """The graph of ``model``: traced once and cached while the model's modules stay the same objects."""
+        cached = _GRAPHS.get(model)
+        if cached is not None and cached._traced_from(model):
+            return cached
+        graph = cls(model, trace(model))
+        _GRAPHS[model] = graph
+        return graph
+
+    # -- lookups ---------------------------------------------------------------------------------------------
+    def calls(self, module_name: str) -> list[fx.Node]:
+        """The ``call_module`` nodes of ``module_name`` in forward order (empty if it never runs as a leaf)."""
+        return list(self._calls.get(module_name, ()))
+
+    def node_of(self, module_name: str) -> fx.Node:
+        """The one node calling leaf module ``module_name``; fails if it is not called exactly once."""
+        calls = self._calls.get(module_name, [])
+        if len(calls) != 1:
+            why = "is not a leaf module called in" if not calls else f"is called {len(calls)} times in"
+            raise ValueError(f"{module_name!r} {why} the forward of {self._model_name()}; leaf modules are "
+                             f"{list(self._calls)}")
+        return calls[0]
+
+    def module(self, module_name: str) -> nn.Module:
+        """The leaf module ``module_name`` (the model's own object)."""
+        return self.gm.get_submodule(module_name)
+
+    # -- sites -----------------------------------------------------------------------------------------------
+    def correction_sites(self, rule: str | Sequence[str] = "spec") -> list[str]:
+        """Producers that REPAIR-style corrections act on, in forward order.
+
+        ``spec`` (method-spec §5.2): every producer but the output layers, the shortcut projections and those
+        writing straight into a residual stream (VGG: all convs; ResNet: conv1/conv2 of every block). ``all``:
+        every producer but the output layers. A list of module names: exactly those (they must be producers).
+        """
+        if isinstance(rule, str):
+            if rule == "spec":
+                return [p for p in self.producers if not any(n in self._uncorrected for n in self._calls[p])]
+            if rule == "all":
+                return [p for p in self.producers if p not in self.output_layers]
+            raise ValueError(f"unknown correction-site rule {rule!r}; use one of {list(CORRECTION_RULES)} or a "
+                             "list of module names")
+        names = list(rule)
+        unknown = [n for n in names if n not in self.producers]
+        if unknown:
+            raise ValueError(f"correction site(s) {unknown} are not Conv/Linear layers of {self._model_name()}; "
+                             f"valid producers are {self.producers}")
+        chosen = set(names)
+        return [p for p in self.producers if p in chosen]
+
+    def variance_sites(self, exclude: Iterable[str] = ()) -> list[str]:
+        """Inputs of the activations, one per non-output producer (and not in ``exclude``), in producer order.
+
+        The affine norm layer that directly and only consumes the producer's output, else the producer.
+        """
+        skip = set(exclude) | set(self.output_layers)
+        sites: list[str] = []
+        for p in self.producers:
+            if p in skip:
+                continue
+            site = p
+            users = list(self._calls[p][0].users)
+            if len(users) == 1 and users[0].op == "call_module":
+                norm = self.module(str(users[0].target))
+                if isinstance(norm, NORM_TYPES) and getattr(norm, "weight", None) is not None:
+                    site = str(users[0].target)
+            if site not in sites:
+                sites.append(site)
+        return sites
+
+    # -- derived graphs --------------------------------------------------------------------------------------
+    def truncated(self, targets: Sequence[fx.Node | str], root: nn.Module | None = None) -> fx.GraphModule:
+        """A graph module that runs only until ``targets`` (nodes of ``gm`` or leaf module names) are computed
+        and returns them as a tuple; ``root`` supplies its modules (default: this trace's, i.e. the model's)."""
+        nodes = [t if isinstance(t, fx.Node) else self.node_of(t) for t in targets]
+        foreign = [n.name for n in nodes if self._index.get(n) is None]
+        if foreign:
+            raise ValueError(f"node(s) {foreign} are not nodes of the traced graph of {self._model_name()}")
+        graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        wanted = set(nodes)
+        for node in self._nodes:
+            if node.op == "output":
+                break
+            env[node] = graph.node_copy(node, lambda n: env[n])
+            wanted.discard(node)
+            if not wanted and node.op != "placeholder":
+                break
+        graph.output(tuple(env[n] for n in nodes))
+        gm = fx.GraphModule(root if root is not None else self.gm, graph)
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+        gm.delete_all_unused_submodules()
+        return gm
+
+    def spec(self, example_input: torch.Tensor) -> PermutationSpec:
+        """The permutation spec, built over this trace (cached per input shape and state-dict shapes)."""
+        model = self._model()
+        if model is None:
+            raise ValueError("the model of this ModelGraph no longer exists")
+        key = (tuple(example_input.shape), tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()))
+        if key not in self._specs:
+            self._specs[key] = build_permutation_spec(model, example_input, self.gm)
+        return self._specs[key]
+
+    # -- analysis --------------------------------------------------------------------------------------------
+    def _model_name(self) -> str:
+        model = self._model()
+        return type(model).__name__ if model is not None else "the model"
+
+    def _traced_from(self, model: nn.Module) -> bool:
+        """Whether every module and attribute the trace uses is still the same object in ``model``."""
+        try:
+            return all(_attr(model, str(n.target)) is _attr(self.gm, str(n.target))
+                       for n in self._nodes if n.op in ("call_module", "get_attr"))
+        except AttributeError:
+            return False
+
+    def _is_producer(self, n: fx.Node) -> bool:
+        return n.op == "call_module" and isinstance(self.module(str(n.target)), AFFINE_TYPES)
+
+    def _data_nodes(self) -> set[fx.Node]:
+        """Nodes whose value depends on the input through data (not parameters, not shape queries)."""
+        data: set[fx.Node] = set()
+        for n in self._nodes:
+            if n.op == "placeholder" or (n.op not in ("get_attr", "output") and not _is_shape_query(n)
+                                         and any(i in data for i in n.all_input_nodes)):
+                data.add(n)
+        return data
+
+    def _inputs(self, n: fx.Node) -> list[fx.Node]:
+        return [i for i in dict.fromkeys(n.all_input_nodes) if i in self._data]
+
+    def _is_residual_add(self, n: fx.Node) -> bool:
+        is_add = (n.op == "call_function" and n.target in _ADD_FUNCTIONS) or (
+            n.op == "call_method" and str(n.target) in _ADD_METHODS)
+        return is_add and len(self._inputs(n)) >= 2
+
+    def _output_producers(self) -> set[fx.Node]:
+        """Producer nodes reaching the output without passing another producer."""
+        found: set[fx.Node] = set()
+        stack = [i for n in self._nodes if n.op == "output" for i in self._inputs(n)]
+        seen: set[fx.Node] = set()
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if self._is_producer(n):
+                found.add(n)
+            else:
+                stack.extend(self._inputs(n))
+        return found
+
+    def _branch_end(self, operand: fx.Node, fork: fx.Node) -> fx.Node | None:
+        """The producer ending a branch: followed back from ``operand`` through single-input ops to the fork."""
+        n = operand
+        while not self._is_producer(n):
+            inputs = self._inputs(n)
+            if n is fork or self._is_residual_add(n) or len(inputs) != 1:
+                return None
+            n = inputs[0]
+        return n
+
+    def _residual_exclusions(self) -> set[fx.Node]:
+        """Producer nodes that a residual structure keeps uncorrected (shortcut projections, stream writers)."""
+        anc: dict[fx.Node, int] = {}  # bit i set: node i is an ancestor (or the node itself)
+        for n in self._nodes:
+            if n in self._data:
+                bits = 1 << self._index[n]
+                for i in self._inputs(n):
+                    bits |= anc[i]
+                anc[n] = bits
+
+        def has(bits: int, n: fx.Node) -> bool:
+            return bool(bits >> self._index[n] & 1)
+
+        stream: dict[fx.Node, set[fx.Node]] = {}  # stream node -> the residual adds whose shortcut it is on
+        ends: dict[fx.Node, set[fx.Node]] = {}  # branch-end producer -> the adds it ends a branch of
+        for add in self._nodes:
+            if add not in self._data or not self._is_residual_add(add):
+                continue
+            operands = self._inputs(add)
+            common = -1
+            for o in operands:
+                common &= anc[o]
+            if common <= 0:
+                continue  # operands share no ancestor (several inputs): no residual structure
+            fork = self._nodes[common.bit_length() - 1]
+            inside = [p for p in self._producer_nodes if p in anc and p is not fork and has(anc[p], fork)]
+            counts = [sum(1 for p in inside if has(anc[o], p)) for o in operands]
+            top = max(counts)
+            if top == 0:
+                continue
+            for o, count in zip(operands, counts):
+                if count == top:
+                    end = self._branch_end(o, fork)
+                    if end is not None:
+                        ends.setdefault(end, set()).add(add)
+                    continue
+                for n in self._nodes[self._index[fork]: self._index[o] + 1]:
+                    if n in anc and has(anc[o], n) and has(anc[n], fork):
+                        stream.setdefault(n, set()).add(add)
+        excluded: set[fx.Node] = set()
+        for p in self._producer_nodes:
+            if self._lands_in_stream(p, stream, ends.get(p, set())):
+                excluded.add(p)
+        return excluded
+
+    def _lands_in_stream(self, p: fx.Node, stream: dict[fx.Node, set[fx.Node]], ends: set[fx.Node]) -> bool:
+        """Whether ``p`` or what it feeds through single-input ops lies on the stream of an add it does not end."""
+        stack, seen = [p], set()
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if stream.get(n, set()) - ends:
+                return True
+            for u in n.users:
+                if u in self._data and not self._is_producer(u) and not self._is_residual_add(u) \
+                        and self._inputs(u) == [n]:
+                    stack.append(u)
+        return False

@@ -15,6 +15,7 @@ from torch import nn
 
 from vf_lightning.io import atomic_torch_save
 from vf_lightning.models import ModelConfig, build_model
+from vf_lightning.statedict import ensure_biases
 
 FORMAT = "vf-model"
 
@@ -55,9 +56,7 @@ def model_from_state(config: ModelConfig | dict[str, Any], state: dict[str, torc
     """Build the architecture and load ``state`` strictly, naming what does not fit."""
     cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
     model = build_model(cfg)
-    from vf_lightning.repair.fold import ensure_biases  # repaired models may carry extra conv biases
-
-    ensure_biases(model, state)
+    ensure_biases(model, state)  # repaired models may carry extra conv biases
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(

@@ -1,10 +1,14 @@
-"""The public ``align`` entry and the registry of matching methods (identity | weight | activation | zip | cca)."""
+"""The public ``align`` entry and the registry of matching methods (identity | weight | activation | zip | cca).
+
+A matcher is ``fn(model_a, model_b, spec, loader, *, <options>) -> AlignmentResult``; its options are typed
+keyword-only parameters (``MATCHERS.options(name)``), and :func:`align` refuses any it does not declare.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -20,10 +24,10 @@ from vf_lightning.stats import Moments, batch_inputs, model_device
 
 
 class Matcher(Protocol):
-    """A matching method: ``fn(model_a, model_b, spec, loader, **opts) -> AlignmentResult``."""
+    """A matching method: ``fn(model_a, model_b, spec, loader, *, <typed options>) -> AlignmentResult``."""
 
     def __call__(self, model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
-                 loader: Iterable[object] | None, **opts: Any) -> AlignmentResult: ...
+                 loader: Iterable[object] | None) -> AlignmentResult: ...
 
 
 MATCHERS: Registry[Matcher] = Registry("matching method")
@@ -52,15 +56,15 @@ def _need_loader(method: str, loader: Iterable[object] | None) -> Iterable[objec
 
 @register_matcher("identity")
 def identity_matching(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
-                      loader: Iterable[object] | None = None, **_: Any) -> AlignmentResult:
+                      loader: Iterable[object] | None = None) -> AlignmentResult:
     """No alignment: identity permutations (plain weight averaging)."""
     return AlignmentResult(method="identity", spec=spec, perms=identity_perms(spec))
 
 
 @register_matcher("weight")
 def weight_matcher(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
-                   loader: Iterable[object] | None = None, max_sweeps: int = 100, tol: float = 1e-12,
-                   seed: int = 0, **_: Any) -> AlignmentResult:
+                   loader: Iterable[object] | None = None, *, max_sweeps: int = 100, tol: float = 1e-12,
+                   seed: int = 0) -> AlignmentResult:
     """Git Re-Basin weight matching on the two state dicts (see :func:`weight_matching`)."""
     return weight_matching(spec, model_a.state_dict(), model_b.state_dict(), max_sweeps=max_sweeps, tol=tol,
                            seed=seed)
@@ -73,8 +77,9 @@ def perms_from_stats(stats: GroupStats) -> dict[str, torch.Tensor]:
 
 @register_matcher("activation")
 def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
-                        loader: Iterable[object] | None = None, max_samples: int | None = None,
-                        stats: GroupStats | None = None, precision: str = "float64", **_: Any) -> AlignmentResult:
+                        loader: Iterable[object] | None = None, *, max_samples: int | None = None,
+                        stats: GroupStats | None = None, precision: Literal["float64", "float32"] = "float64",
+                        ) -> AlignmentResult:
     """Activation matching: correlations of post-activation features from one pass, one LAP per group."""
     if stats is None:
         stats = activation_statistics(model_a, model_b, spec, _need_loader("activation", loader),
@@ -96,8 +101,8 @@ def _full_stats(method: str, model_a: nn.Module, model_b: nn.Module, spec: Permu
 
 @register_matcher("zip")
 def zip_matching(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
-                 loader: Iterable[object] | None = None, a: float = 0.3, b: float = 0.125,
-                 max_samples: int | None = None, stats: GroupStats | None = None, **_: Any) -> AlignmentResult:
+                 loader: Iterable[object] | None = None, *, a: float = 0.3, b: float = 0.125,
+                 max_samples: int | None = None, stats: GroupStats | None = None) -> AlignmentResult:
     """ZipIt! merge / unmerge matrices per group from the joint correlation (a=0.3, b=0.125)."""
     stats = _full_stats("zip", model_a, model_b, spec, loader, max_samples, stats)
     tr = {name: zipit_transform(st.cov(), a=a, b=b) for name, st in stats.items()}  # type: ignore[union-attr]
@@ -106,8 +111,8 @@ def zip_matching(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
 
 @register_matcher("cca")
 def cca_matching(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
-                 loader: Iterable[object] | None = None, gamma: float = 0.1, max_samples: int | None = None,
-                 stats: GroupStats | None = None, **_: Any) -> AlignmentResult:
+                 loader: Iterable[object] | None = None, *, gamma: float = 0.1, max_samples: int | None = None,
+                 stats: GroupStats | None = None) -> AlignmentResult:
     """Regularised CCA merge / unmerge matrices per group (γ = 0.1)."""
     stats = _full_stats("cca", model_a, model_b, spec, loader, max_samples, stats)
     tr: dict[str, GroupTransform] = {name: cca_transform(st.cov(), gamma=gamma)  # type: ignore[union-attr]
@@ -122,6 +127,19 @@ def example_from_loader(loader: Iterable[object], device: torch.device, n: int =
     raise ValueError("the loader is empty; cannot take an example input from it")
 
 
+def matcher_options(method: str, options: Mapping[str, Any], owner: str = "align", seed: int | None = None,
+                    max_sweeps: int | None = None) -> dict[str, Any]:
+    """``options`` checked against ``method``'s declared ones, plus ``seed`` / ``max_sweeps`` where it declares them.
+
+    ``seed`` and ``max_sweeps`` are the run-wide settings every front-end passes whatever the method; ``None``
+    leaves the method's default.
+    """
+    MATCHERS.check_options(method, options, owner)
+    accepted = MATCHERS.options(method)
+    shared = {"seed": seed, "max_sweeps": max_sweeps}
+    return {**{k: v for k, v in shared.items() if v is not None and k in accepted}, **options}
+
+
 def align(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -129,14 +147,20 @@ def align(
     loader: Iterable[object] | None = None,
     example_input: torch.Tensor | None = None,
     spec: PermutationSpec | None = None,
-    **opts: Any,
+    *,
+    seed: int | None = None,
+    max_sweeps: int | None = None,
+    **options: Any,
 ) -> AlignmentResult:
     """Align ``model_b`` to ``model_a`` with a registered ``method`` (identity | weight | activation | zip | cca).
 
-    The spec is traced from ``model_a`` on ``example_input`` (or the loader's first batch) unless given.
-    Models of different architectures or widths are refused before any work.
+    ``options`` are the method's own (``MATCHERS.options(method)``); one it does not declare fails before any
+    work. ``seed`` and ``max_sweeps`` are run-wide: passed on only to methods that declare them (weight matching),
+    ``None`` keeps the method's default. The spec is traced from ``model_a`` on ``example_input`` (or the loader's
+    first batch) unless given. Models of different architectures or widths are refused before any work.
     """
     matcher = get_matcher(method)
+    kwargs = matcher_options(method, options, "align", seed, max_sweeps)
     check_compatible(model_a, model_b)
     t0 = time.perf_counter()
     if spec is None:
@@ -147,7 +171,7 @@ def align(
         spec = build_permutation_spec(model_a, example_input)
     else:
         check_spec_matches(spec, model_a)
-    result = matcher(model_a, model_b, spec, loader, **opts)
+    result = matcher(model_a, model_b, spec, loader, **kwargs)
     return AlignmentResult(method=result.method, spec=result.spec, perms=result.perms,
                            transforms_=result.transforms_, objective=result.objective, sweeps=result.sweeps,
                            seconds=time.perf_counter() - t0, history=result.history)

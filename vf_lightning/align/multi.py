@@ -9,10 +9,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from vf_lightning.align.api import align
+from vf_lightning.align.api import align, example_from_loader, matcher_options
 from vf_lightning.align.permute import Perms, apply_permutation, check_compatible, identity_perms
 from vf_lightning.align.spec import PermutationSpec, build_permutation_spec
-from vf_lightning.merge.interpolate import average_models
+from vf_lightning.statedict import average_models
+from vf_lightning.stats import model_device
 
 Mode = Literal["reference", "sequential", "iterative"]
 
@@ -42,14 +43,16 @@ def align_many(
     reference: int = 0,
     max_rounds: int = 10,
     seed: int = 0,
-    **opts: Any,
+    max_sweeps: int | None = None,
+    **options: Any,
 ) -> MultiAlignment:
-    """Bring N models into one basis with a permutation ``method``.
+    """Bring N models into one basis with a permutation ``method`` (``seed``, ``max_sweeps``, ``options`` as in align).
 
     ``reference``: every model to model ``reference``; ``sequential``: model i to the aligned model i−1;
     ``iterative``: rounds in random order matching model i to the average of the others, until a round changes no
-    permutation (or ``max_rounds``).
+    permutation (or ``max_rounds``); ``seed`` also orders those rounds.
     """
+    matcher_options(method, options, "align_many")
     if len(models) < 2:
         raise ValueError("align_many needs at least two models")
     for m in models[1:]:
@@ -57,14 +60,11 @@ def align_many(
     if example_input is None:
         if loader is None:
             raise ValueError("align_many needs example_input (or a loader) to trace the permutation spec")
-        from vf_lightning.align.api import example_from_loader
-        from vf_lightning.stats import model_device
-
         example_input = example_from_loader(loader, model_device(models[0]))
     spec = build_permutation_spec(models[0], example_input)
 
     def match(target: nn.Module, m: nn.Module) -> Perms:
-        r = align(target, m, method, loader=loader, spec=spec, seed=seed, **opts)
+        r = align(target, m, method, loader=loader, spec=spec, seed=seed, max_sweeps=max_sweeps, **options)
         if r.perms is None:
             raise ValueError(f"align_many needs a permutation method (identity, weight, activation), got {method!r}")
         return r.perms

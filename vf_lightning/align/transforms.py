@@ -19,7 +19,6 @@ from torch import nn
 from vf_lightning.align.permute import check_spec_matches
 from vf_lightning.align.results import GroupTransform
 from vf_lightning.align.spec import PermAxis, PermutationSpec
-from vf_lightning.stats import Moments
 
 Maps = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
@@ -155,8 +154,3 @@ def cca_transform(cov: torch.Tensor, gamma: float = 0.1) -> GroupTransform:
     merge = torch.cat([eye, t_b], 1) / 2
     unmerge = torch.cat([eye, t_b_inv], 0)
     return GroupTransform(merge.cpu(), unmerge.cpu())
-
-
-def covariance_of(st: Moments) -> torch.Tensor:
-    """The ``2C × 2C`` covariance of ``[f_A; f_B]`` from full group statistics."""
-    return st.cov()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -178,11 +177,6 @@ class VisionDataModule(L.LightningDataModule):
         ds = torch.utils.data.Subset(self.calib_set, idx.tolist())
         return DataLoader(ds, batch_size=batch_size or self.eval_batch_size, shuffle=False, num_workers=0)
 
-    def clean_train_dataloader(self, batch_size: int | None = None) -> DataLoader[Any]:
-        """The training set without augmentation, in a fixed order (for train-set evaluation)."""
-        ds = self._subset(self._dataset(True, False), self.train_subset, 1)
-        return self._loader(ds, batch_size or self.eval_batch_size, shuffle=False)
-
 
 class _IdxDataModule(VisionDataModule):
     """MNIST-format (IDX) datasets read straight from the idx(.gz) files."""
@@ -340,7 +334,3 @@ DATAMODULES: dict[str, type[VisionDataModule]] = {
     "digits": DigitsDataModule,
     "imagenet": ImageNetDataModule,
 }
-
-
-def datamodule_names() -> Sequence[str]:
-    return sorted(DATAMODULES)

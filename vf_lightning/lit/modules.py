@@ -173,7 +173,7 @@ class PairModule(BaseModule):
             metrics.update(logits, y, nn.functional.cross_entropy(logits, y))
             self.log_dict(
                 {f"val/acc_{key}": metrics.acc, f"val/acc5_{key}": metrics.acc5, f"val/loss_{key}": metrics.loss},
-                prog_bar=key == "a" or True,
+                prog_bar=True,
             )
 
     test_step = validation_step

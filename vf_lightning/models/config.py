@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from torch import nn
 
+from vf_lightning.models.init import apply_init
 from vf_lightning.registry import Registry
 
 Norm = Literal["none", "bn", "ln", "fixup"]
@@ -80,7 +81,5 @@ def build_model(cfg: ModelConfig | dict[str, Any]) -> nn.Module:
     if isinstance(cfg, dict):
         cfg = ModelConfig.from_dict(cfg)
     model = _REGISTRY[cfg.arch](cfg)
-    from vf_lightning.models.init import apply_init
-
     apply_init(model, cfg.init)
     return model

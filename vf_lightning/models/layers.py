@@ -24,20 +24,6 @@ class ChannelLayerNorm(nn.LayerNorm):
         return y.movedim(-1, 1)
 
 
-class FixupScalar(nn.Module):
-    """A learnable scalar bias (``x + b``) or scale (``x * s``) as used by Fixup ResNets."""
-
-    def __init__(self, kind: str = "bias") -> None:
-        super().__init__()
-        if kind not in ("bias", "scale"):
-            raise ValueError(f"FixupScalar kind must be 'bias' or 'scale', got {kind!r}")
-        self.kind = kind
-        self.value = nn.Parameter(torch.ones(1) if kind == "scale" else torch.zeros(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.value if self.kind == "scale" else x + self.value
-
-
 def make_norm(kind: str, channels: int) -> nn.Module:
     """Normalization layer for ``kind`` in {bn, ln, none}; ``none`` gives ``nn.Identity``."""
     if kind == "bn":

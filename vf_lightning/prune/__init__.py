@@ -3,7 +3,6 @@
 from vf_lightning.prune.normalize import PruneResult, normalize_pruned, prune_and_normalize
 from vf_lightning.prune.pruners import (
     PRUNERS,
-    PruneContext,
     diag_fisher,
     get_pruner,
     prunable_modules,
@@ -14,7 +13,6 @@ from vf_lightning.prune.pruners import (
 
 __all__ = [
     "PRUNERS",
-    "PruneContext",
     "PruneResult",
     "diag_fisher",
     "get_pruner",

@@ -52,11 +52,11 @@ def prune_and_normalize(
     goals: Goals | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
-    fisher_samples: int = 1000,
+    fisher_samples: int | None = None,
     eps: float = 1e-5,
 ) -> PruneResult:
     """One-shot prune ``dense`` to ``sparsity`` and re-normalize it on ``max_samples`` calibration inputs."""
-    pruned = prune_model(dense, pruner, sparsity, loader, include, exclude, fisher_samples)
+    pruned = prune_model(dense, pruner, sparsity, loader, include, exclude, fisher_samples=fisher_samples)
     normalized, name = normalize_pruned(pruned, dense, loader, normalization, max_samples, goals, eps=eps)
     report = sparsity_report(pruned, include, exclude)
     report.update({"pruner": pruner, "sparsity": sparsity})

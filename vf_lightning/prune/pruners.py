@@ -1,7 +1,8 @@
 """One-shot unstructured pruning of Conv/Linear weights on top of ``torch.nn.utils.prune`` (method-spec §8).
 
-Pruners are registered by name (``global_magnitude``, ``layerwise_magnitude``, ``diag_fisher``); biases are
-never pruned; ``prune.remove`` is applied afterwards so the result is a plain model whose pruned weights are 0.
+Pruners are registered by name (``global_magnitude``, ``layerwise_magnitude``, ``diag_fisher``) as
+``fn(model, modules, sparsity, loader, *, <typed options>)``; biases are never pruned; ``prune.remove`` is
+applied afterwards so the result is a plain model whose pruned weights are 0.
 Pruned counts are ``round(s·N)`` (global: over all selected weights, so within one element of the target;
 layer-wise: per layer).
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -49,21 +50,18 @@ def _weight(m: nn.Module) -> torch.Tensor:
     return w
 
 
-@dataclass
-class PruneContext:
-    """Data for data-dependent pruners (``diag_fisher``): a labelled loader and how many samples to use."""
+class Pruner(Protocol):
+    """A pruner: ``fn(model, modules, sparsity, loader, *, <typed options>)`` attaches masks to ``modules``."""
 
-    loader: Iterable[object] | None = None
-    fisher_samples: int = 1000
-    fisher_chunk: int = 32
+    def __call__(self, model: nn.Module, modules: Modules, sparsity: float, loader: Iterable[object] | None) -> None:
+        ...
 
 
-Pruner = Callable[[nn.Module, Modules, float, PruneContext], None]
 PRUNERS: Registry[Pruner] = Registry("pruner")
 
 
 def register_pruner(name: str) -> Callable[[Pruner], Pruner]:
-    """Register ``fn(model, modules, sparsity, ctx)`` that attaches pruning masks to ``modules``' weights."""
+    """Register ``fn(model, modules, sparsity, loader, *, <options>)`` that attaches pruning masks to ``modules``."""
     return PRUNERS.register(name)
 
 
@@ -73,7 +71,7 @@ def get_pruner(name: str) -> Pruner:
 
 
 @register_pruner("global_magnitude")
-def _global_magnitude(model: nn.Module, modules: Modules, sparsity: float, ctx: PruneContext) -> None:
+def _global_magnitude(model: nn.Module, modules: Modules, sparsity: float, loader: Iterable[object] | None) -> None:
     total = sum(_weight(m).numel() for _, m in modules)
     prune.global_unstructured(
         [(m, "weight") for _, m in modules], pruning_method=prune.L1Unstructured, amount=round(sparsity * total)
@@ -81,19 +79,21 @@ def _global_magnitude(model: nn.Module, modules: Modules, sparsity: float, ctx: 
 
 
 @register_pruner("layerwise_magnitude")
-def _layerwise_magnitude(model: nn.Module, modules: Modules, sparsity: float, ctx: PruneContext) -> None:
+def _layerwise_magnitude(model: nn.Module, modules: Modules, sparsity: float,
+                         loader: Iterable[object] | None) -> None:
     for _, m in modules:
         prune.l1_unstructured(m, "weight", amount=round(sparsity * _weight(m).numel()))
 
 
-def diag_fisher(model: nn.Module, modules: Modules, ctx: PruneContext) -> dict[str, torch.Tensor]:
+def diag_fisher(model: nn.Module, modules: Modules, loader: Iterable[object] | None, fisher_samples: int = 1000,
+                fisher_chunk: int = 32) -> dict[str, torch.Tensor]:
     """Empirical diagonal Fisher ``E[(∂ℓ/∂w)²]`` of each module's weight from exact per-sample gradients.
 
     Per-sample gradients via ``torch.func.vmap(grad(...))`` in chunks of ``fisher_chunk`` samples, true labels,
-    eval mode (BatchNorm uses running statistics), over the first ``fisher_samples`` samples of ``ctx.loader``.
+    eval mode (BatchNorm uses running statistics), over the first ``fisher_samples`` samples of ``loader``.
     """
-    if ctx.loader is None:
-        raise ValueError("diag_fisher needs a labelled loader (PruneContext.loader)")
+    if loader is None:
+        raise ValueError("diag_fisher needs a labelled loader (loader=...)")
     device = model_device(model)
     was_training = model.training
     model.eval()
@@ -111,13 +111,13 @@ def diag_fisher(model: nn.Module, modules: Modules, ctx: PruneContext) -> dict[s
     fisher = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in targets.items()}
     n = 0
     try:
-        for batch in ctx.loader:
-            if n >= ctx.fisher_samples:
+        for batch in loader:
+            if n >= fisher_samples:
                 break
             if not (isinstance(batch, (list, tuple)) and len(batch) >= 2):
                 raise TypeError("diag_fisher needs (x, y) batches with labels")
-            x, y = batch[0][: ctx.fisher_samples - n].to(device), batch[1][: ctx.fisher_samples - n].to(device)
-            for xs, ys in zip(x.split(ctx.fisher_chunk), y.split(ctx.fisher_chunk)):
+            x, y = batch[0][: fisher_samples - n].to(device), batch[1][: fisher_samples - n].to(device)
+            for xs, ys in zip(x.split(fisher_chunk), y.split(fisher_chunk)):
                 grads = per_sample(targets, xs, ys)
                 for k, g in grads.items():
                     fisher[k] += g.double().pow(2).sum(0)
@@ -130,9 +130,10 @@ def diag_fisher(model: nn.Module, modules: Modules, ctx: PruneContext) -> dict[s
 
 
 @register_pruner("diag_fisher")
-def _diag_fisher(model: nn.Module, modules: Modules, sparsity: float, ctx: PruneContext) -> None:
+def _diag_fisher(model: nn.Module, modules: Modules, sparsity: float, loader: Iterable[object] | None, *,
+                 fisher_samples: int = 1000, fisher_chunk: int = 32) -> None:
     """Layer-wise threshold on the saliency ``w²·F_ii`` (diagonal empirical Fisher)."""
-    fisher = diag_fisher(model, modules, ctx)
+    fisher = diag_fisher(model, modules, loader, fisher_samples, fisher_chunk)
     for name, m in modules:
         w = _weight(m).detach()
         scores = w.pow(2) * fisher[name]
@@ -146,18 +147,26 @@ def prune_model(
     loader: Iterable[object] | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
-    fisher_samples: int = 1000,
+    fisher_samples: int | None = None,
     inplace: bool = False,
+    **options: Any,
 ) -> nn.Module:
-    """Prune ``sparsity`` of the selected weights with ``pruner``; returns a plain model (masks removed, zeros kept)."""
+    """Prune ``sparsity`` of the selected weights with ``pruner``; returns a plain model (masks removed, zeros kept).
+
+    ``options`` are the pruner's own (``PRUNERS.options(pruner)``); one it does not declare fails before any work.
+    ``fisher_samples`` is run-wide: passed on only to pruners that declare it, ``None`` keeps their default.
+    """
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
     fn = get_pruner(pruner)
+    PRUNERS.check_options(pruner, options, "prune_model")
+    if fisher_samples is not None and "fisher_samples" in PRUNERS.options(pruner):
+        options = {"fisher_samples": fisher_samples, **options}
     out = model if inplace else copy.deepcopy(model)
     modules = prunable_modules(out, include, exclude)
     if not modules:
         raise ValueError(f"no layers selected for pruning in {type(out).__name__}")
-    fn(out, modules, sparsity, PruneContext(loader, fisher_samples))
+    fn(out, modules, sparsity, loader, **options)
     for _, m in modules:
         if prune.is_pruned(m):
             prune.remove(m, "weight")

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from vf_lightning.merge.interpolate import interpolate_state
 from vf_lightning.repair.sites import AFFINE_TYPES, has_normalization
+from vf_lightning.statedict import interpolate_state
 
 
 def _refuse_normalized(model: nn.Module) -> None:
@@ -67,6 +67,7 @@ def zero_bias(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Zero every Conv/Linear bias (normalization layers and other parameters untouched)."""
     out = model if inplace else copy.deepcopy(model)
     for m in out.modules():
-        if isinstance(m, AFFINE_TYPES) and m.bias is not None:
-            m.bias.zero_()
+        bias = getattr(m, "bias", None)
+        if isinstance(m, AFFINE_TYPES) and isinstance(bias, torch.Tensor):
+            bias.zero_()
     return out

@@ -1,17 +1,19 @@
-"""Folding per-channel affine corrections into Conv/Linear weights, and recreating biases on load.
+"""Folding per-channel affine corrections into Conv/Linear weights.
 
 A folded correction may give a bias-free conv a new ``bias`` Parameter, so checkpoints of repaired models
-can carry ``*.bias`` keys that a freshly built model lacks; loaders call :func:`ensure_biases` first.
+can carry ``*.bias`` keys that a freshly built model lacks; loaders call :func:`ensure_biases` (re-exported
+here from :mod:`vf_lightning.statedict`) first.
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from vf_lightning.repair.sites import AFFINE_TYPES
+from vf_lightning.statedict import ensure_biases
+
+__all__ = ["ensure_biases", "fold_affine"]
 
 
 @torch.no_grad()
@@ -43,17 +45,3 @@ def fold_affine(module: nn.Module, scale: torch.Tensor, shift: torch.Tensor | No
         if shift is not None:
             b = b + shift.to(device=w.device, dtype=torch.float64)
         bias.copy_(b.to(bias.dtype))
-
-
-def ensure_biases(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
-    """Add zero bias Parameters to Conv/Linear layers without bias whose ``<name>.bias`` is in ``state_dict``.
-
-    Call before ``load_state_dict`` on checkpoints of repaired models; returns the names of the layers changed.
-    """
-    added = []
-    for name, m in model.named_modules():
-        key = f"{name}.bias" if name else "bias"
-        if isinstance(m, AFFINE_TYPES) and m.bias is None and key in state_dict:
-            m.bias = nn.Parameter(torch.zeros(m.weight.shape[0], device=m.weight.device, dtype=m.weight.dtype))
-            added.append(name)
-    return added

@@ -38,9 +38,39 @@ demo: fit-demo
 	$(VF) merge --config configs/merge/fmnist_demo.yaml
 	$(VF) prune --config configs/prune/fmnist_demo.yaml
 
-# Non-local multi-task merging of Fashion-MNIST experts (trains foundations and experts when absent).
+# Multi-task merging of Fashion-MNIST experts, non-local then local: `vf fit` trains the two foundations and the
+# experts whose checkpoints are absent (delete outputs/multitask/fmnist to retrain), then `vf merge` runs
+# configs/merge/fmnist_{nonlocal,local}.yaml (ExpertsModule + TaskMergeCallback). Extra merge flags:
+# make multitask-demo MULTITASK_ARGS='--trainer.logger false'
+MT_OUT := outputs/multitask/fmnist
+MULTITASK_ARGS ?=
+# experts as task:classes:foundation (the classes are the task's original labels, relabelled 0..k-1)
+MT_NONLOCAL := task0:0,1,2:a task1:3,4,5:a task2:6,7:b task3:8,9:b
+MT_LOCAL := task0:0,1,2:a task1:3,4,5:a task2:6,7:a task3:8,9:a
+
+# $(call mt_experts,SETTING,FIT_CONFIG,SPEC_VARIABLE): train the missing experts of SETTING (seed 10 + index)
+define mt_experts
+	@i=0; for spec in $($(3)); do \
+	  IFS=: read -r task classes f <<< "$$spec"; out=$(MT_OUT)/$(1)/$$task.pt; seed=$$((10 + i)); i=$$((i + 1)); \
+	  if [ -f $$out ]; then echo "reusing $$out"; continue; fi; \
+	  echo "training $(1) expert $$task (classes $$classes, foundation $$f) -> $$out"; \
+	  $(VF) fit --config configs/fit/$(2).yaml --seed_everything=$$seed \
+	    --model.init_args.task=$$task --model.init_args.classes="[$$classes]" --data.init_args.classes="[$$classes]" \
+	    --model.init_args.net.num_classes=$$(tr ',' ' ' <<< "$$classes" | wc -w) \
+	    --model.init_args.foundation=$(MT_OUT)/foundation_$$f/last.ckpt --model.init_args.foundation_name=$$f \
+	    --model.init_args.export_path=$$out --model.init_args.seed=$$seed --data.init_args.seed=$$seed || exit 1; \
+	done
+endef
+
 multitask-demo: install data
-	$(PY) -m vf_lightning.multitask.demo
+	@for f in a b; do \
+	  if [ -f $(MT_OUT)/foundation_$$f/last.ckpt ]; then echo "reusing $(MT_OUT)/foundation_$$f/last.ckpt"; \
+	  else $(VF) fit --config configs/fit/fmnist_foundation_$$f.yaml || exit 1; fi; \
+	done
+	$(call mt_experts,nonlocal,fmnist_expert,MT_NONLOCAL)
+	$(VF) merge --config configs/merge/fmnist_nonlocal.yaml $(MULTITASK_ARGS)
+	$(call mt_experts,local,fmnist_expert_local,MT_LOCAL)
+	$(VF) merge --config configs/merge/fmnist_local.yaml $(MULTITASK_ARGS)
 
 test: install data
 	$(PY) -m pytest -q

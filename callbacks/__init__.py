@@ -1,25 +1,29 @@
-"""Lightning callbacks that merge, repair, prune and diagnose networks while they train (``vf_lightning.callbacks``).
+"""Lightning callbacks that merge, repair, prune and diagnose networks (``vf_lightning.callbacks``).
 
-Each is configurable from YAML, e.g. ``class_path: vf_lightning.callbacks.MergeCallback``. They hold no merging
-logic of their own: they call :mod:`vf_lightning.align`, :mod:`vf_lightning.merge`, :mod:`vf_lightning.repair`,
-:mod:`vf_lightning.prune` and :mod:`vf_lightning.diagnostics` on copies of the networks, never changing training.
+The same classes run while networks train (``vf fit``) and on finished checkpoints (``vf merge`` / ``vf prune``,
+LightningCLI ``validate`` runs of a checkpoint-loading module). Each is configurable from YAML, e.g.
+``class_path: vf_lightning.callbacks.MergeCallback``. They hold no merging logic of their own: they are thin
+front-ends over :class:`vf_lightning.merge.session.MergeSession` and the library functions.
 """
 
-from .base import CallbackData, DiagnosticCallback, evaluate_reduced, isolated
+from .base import DiagnosticCallback, MergingCallback, RunReport, isolated, session_data, run_report
 from .merge import InterpolationCallback, MergeCallback, PFMCallback, VarianceCollapseCallback
-from .merging import MergedPair, merge_pair
 from .prune import PruneCallback
+from .report import ReportWriter
+from .tasks import TaskMergeCallback
 
 __all__ = [
-    "CallbackData",
     "DiagnosticCallback",
     "InterpolationCallback",
     "MergeCallback",
-    "MergedPair",
+    "MergingCallback",
     "PFMCallback",
     "PruneCallback",
+    "ReportWriter",
+    "RunReport",
+    "TaskMergeCallback",
     "VarianceCollapseCallback",
-    "evaluate_reduced",
     "isolated",
-    "merge_pair",
+    "session_data",
+    "run_report",
 ]

@@ -19,18 +19,13 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"align", "repair"}),
     frozenset({"merge", "prune", "diagnostics", "multitask"}),
     frozenset({"lit", "callbacks"}),
-    frozenset({"commands", "cli", "show"}),
+    frozenset({"cli", "show"}),
 )
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 
 # Known offenders in files being rewritten elsewhere (front-ends, multitask): skipped by the two import tests
 # until they are fixed. An entry that no longer offends is reported as a warning: delete it then.
-PENDING: set[str] = {
-    "vf_lightning/commands/__init__.py",  # function-level imports of checkpoint, data, commands.*, multitask.command
-    "vf_lightning/commands/common.py",  # function-level imports of stats, loggers, io
-    "vf_lightning/commands/merge.py",  # function-level imports of vf_lightning.merge.pfm
-    "vf_lightning/multitask/demo.py",  # imports vf_lightning.cli (layer 4) inside a function
-}
+PENDING: set[str] = set()
 
 
 def _sources() -> Iterator[tuple[Path, str]]:

@@ -88,3 +88,32 @@ def plot_interpolation_curves(
         ax.legend(fontsize=8)
     fig.suptitle("Interpolation curves")
     return _save(fig, path)
+
+
+def plot_multitask_accuracy(rows: Sequence[Mapping[str, object]], path: str | os.PathLike[str]) -> Path:
+    """Mean normalized accuracy over tasks per method (groups) × correction (bars), aligned and unaligned.
+
+    ``rows`` are multi-task report rows (``method``, ``correction``, ``aligned``, ``normalized_acc``).
+    """
+    means: dict[tuple[bool, str, str], list[float]] = {}
+    for r in rows:
+        key = (bool(r["aligned"]), str(r["method"]), str(r["correction"]))
+        means.setdefault(key, []).append(float(r["normalized_acc"]))  # type: ignore[arg-type]
+    methods = list(dict.fromkeys(m for _, m, _ in means))
+    corrections = list(dict.fromkeys(c for _, _, c in means))
+    panels = [a for a in (True, False) if any(k[0] == a for k in means)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(5.0, 1.6 * len(methods)) * len(panels), 4), squeeze=False)
+    width = 0.8 / max(len(corrections), 1)
+    for ax, aligned in zip(axes[0], panels):
+        for j, corr in enumerate(corrections):
+            ys = [sum(v) / len(v) if (v := means.get((aligned, m, corr))) else float("nan") for m in methods]
+            ax.bar([i + (j - (len(corrections) - 1) / 2) * width for i in range(len(methods))], ys, width,
+                   label=corr)  # fmt: skip
+        ax.axhline(1.0, color="gray", ls="--", lw=1)
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels(methods, fontsize=8)
+        ax.set_xlabel("merging method")
+        ax.set_ylabel("mean normalized accuracy (merged / expert)")
+        ax.set_title(f"Multi-task merge, {'aligned' if aligned else 'unaligned'}: normalized accuracy")
+        ax.legend(title="correction", fontsize=8)
+    return _save(fig, path)

@@ -1,0 +1,218 @@
+"""``ReportWriter``: at the end of a ``vf merge`` / ``vf prune`` validation, write what the other callbacks put in
+the run's report — ``report.json`` (DESIGN §5), PNG plots and the chosen model checkpoints — on rank 0, log the
+headline numbers and tables to the trainer's loggers, and print readable tables."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from vf_lightning.checkpoint import save_model_checkpoint
+from vf_lightning.diagnostics import (
+    plot_interpolation_curves,
+    plot_layer_curves,
+    plot_variance_ratios,
+    plot_vf_profiles,
+)
+from vf_lightning.diagnostics.plots import plot_multitask_accuracy  # multi-task merge plot
+from vf_lightning.io import atomic_write_json
+from vf_lightning.merge.pfm import PFMModel, save_pfm
+
+from .base import RunReport, run_report, table, wandb_run
+
+CHECKPOINT_FILES = {"merged": "merged.pt", "merged_pfm": "merged_pfm.pt", "pruned": "pruned.pt"}
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with tensors as lists and non-finite floats as None (report.json is strict JSON)."""
+    if isinstance(obj, Mapping):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return jsonable(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)  # paths, enums, ... as text
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A plain-text table of ``rows`` (floats with 4 digits)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        return "-" if v is None else str(v)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max([len(c), *(len(row[i]) for row in cells)]) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join([line, sep, *body])
+
+
+def summary_text(report: Mapping[str, Any]) -> str:
+    """Readable tables of the endpoints, the alignment checks, the result rows, barriers and variance ratios."""
+    out: list[str] = []
+    ends = report.get("endpoints", {})
+    line = "  ".join(f"{k}: acc {v['acc']:.4f}" for k, v in ends.items())
+    if "ensemble" in report:
+        line += f"  ensemble: acc {report['ensemble']['acc']:.4f}"
+    out.append(f"endpoints  {line}")
+    for m, info in report.get("alignment", {}).items():
+        diff, check = info.get("max_abs_logit_diff"), info.get("self_check")
+        out.append(f"alignment  {m}: {info.get('seconds', 0.0):.2f}s, sweeps {info.get('sweeps')}, "
+                   f"max|Δlogit| {'-' if diff is None else f'{diff:.2e}'}, "
+                   f"self-check {'-' if check is None else f'{check:.2e}'}")  # fmt: skip
+    rows = report.get("results", [])
+    if rows:
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        order = ["network", "task", "method", "correction", "aligned", "matching", "pruner", "sparsity",
+                 "achieved_sparsity", "normalization", "preserved_layers", "acc", "normalized_acc", "loss",
+                 "params_ratio", "flops_ratio"]  # fmt: skip
+        out.append("\n" + format_table(rows, [c for c in order if c in keys]))
+    lmc = report.get("lmc", {})
+    if lmc.get("barrier"):
+        brows = [{"variant": k, "acc_barrier": v["acc"], "loss_barrier": v["loss"]} for k, v in lmc["barrier"].items()]
+        out.append("\n" + format_table(brows, ["variant", "acc_barrier", "loss_barrier"]))
+    vr = report.get("variance_ratio", {})
+    if vr.get("curves"):
+        vrows = []
+        for k, v in vr["curves"].items():
+            finite = [x for x in v if x is not None and x == x]
+            vrows.append({"variant": k, "mean_ratio": sum(finite) / max(len(finite), 1),
+                          "last_layer": v[-1] if v else None})  # fmt: skip
+        out.append("\n" + format_table(vrows, ["variant", "mean_ratio", "last_layer"]))
+    return "\n".join(out)
+
+
+class ReportWriter(Callback):
+    """Write report.json, plots and the chosen model(s) of a ``vf merge`` / ``vf prune`` run into ``out_dir``.
+
+    The saved models are chosen on the held-out validation half, never on the test data the reported accuracies
+    come from: ``merged.pt`` (best full merge), ``merged_pfm.pt`` (best PFM system), ``pruned.pt`` (best variant
+    at the highest sparsity). Only rank 0 writes; every rank has computed the same report.
+    """
+
+    def __init__(self, out_dir: str = "outputs/merge", save_model: bool = True, plots: bool = True,
+                 summary: bool = True) -> None:  # fmt: skip
+        super().__init__()
+        self.out_dir = out_dir
+        self.save_model = save_model
+        self.plots = plots
+        self.summary = summary
+        self.run_config: dict[str, Any] = {}  # set by the CLI: the resolved configuration of the run
+        self.report: dict[str, Any] | None = None  # the last report written
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn != "validate" or trainer.sanity_checking:
+            return
+        rep = run_report(trainer)
+        report = self.build(rep)
+        self.report = report
+        if trainer.is_global_zero:
+            self.write(report, rep, pl_module)
+            self.log_report(trainer, report)
+            if self.summary:
+                print("\n" + summary_text(report) + f"\n\nreport: {Path(self.out_dir) / 'report.json'}", flush=True)
+
+    def build(self, rep: RunReport) -> dict[str, Any]:
+        """The report.json content (DESIGN §5) from the run's report."""
+        report: dict[str, Any] = {"config": self.run_config}
+        report.update(rep.sections)
+        report["results"] = list(rep.rows)
+        for key in ("lmc", "variance_ratio"):
+            report.setdefault(key, {"alphas": [], "curves": {}, "barrier": {}} if key == "lmc"
+                              else {"layers": [], "curves": {}})  # fmt: skip
+        report["timing"] = dict(rep.timing)
+        return jsonable(report)
+
+    def write(self, report: dict[str, Any], rep: RunReport, pl_module: L.LightningModule) -> None:
+        out = Path(self.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        plots: dict[str, str] = {}
+        if self.plots:
+            lmc = report["lmc"]
+            if lmc["curves"]:
+                plots["interpolation"] = str(plot_interpolation_curves(lmc["alphas"], lmc["curves"], out / "lmc.png"))
+            vr = report["variance_ratio"]
+            if vr["curves"]:
+                curves = vr["curves"]
+                if any("sparsity" in r for r in report["results"]):  # pruning: the highest sparsity only
+                    top = max(r["sparsity"] for r in report["results"])
+                    curves = {k: v for k, v in curves.items() if f"/{top:g}/" in k}
+                plots["variance_ratio"] = str(plot_variance_ratios(vr["layers"], curves, out / "variance_ratio.png"))
+            if report.get("vanishing_feature", {}).get("curves"):
+                plots["vanishing_feature"] = str(plot_vf_profiles(report["vanishing_feature"]["curves"],
+                                                                  out / "vf.png"))  # fmt: skip
+            prune_rows = [r for r in report["results"] if "sparsity" in r]
+            if prune_rows:
+                sparsities = sorted({r["sparsity"] for r in prune_rows})
+                acc: dict[str, list[float]] = {}
+                for r in prune_rows:
+                    acc.setdefault(f"{r['pruner']}/{r['normalization']}", []).append(r["acc"])
+                plots["accuracy"] = str(plot_layer_curves(acc, out / "accuracy.png", "test accuracy",
+                                                          "Accuracy vs sparsity", [str(s) for s in sparsities]))
+            # -- multi-task merge (TaskMergeCallback rows carry `task`): normalized accuracy per method × correction
+            task_rows = [r for r in report["results"] if "task" in r]
+            if task_rows:
+                plots["multitask_accuracy"] = str(plot_multitask_accuracy(task_rows, out / "normalized_acc.png"))
+            # -- end multi-task
+        report["plots"] = plots
+        config = getattr(pl_module, "model_config", None)
+        saves = []
+        if self.save_model and config is not None:
+            for kind, cand in rep.candidates.items():
+                path = out / CHECKPOINT_FILES.get(kind, f"{kind}.pt")
+                meta = {"variant": cand.variant, **jsonable(cand.meta)}
+                saves.append((cand.model, path, meta))
+                report[f"{kind}_checkpoint"] = {"path": str(path), **meta}
+        json.dumps(report, allow_nan=False)  # strict JSON, or fail before any checkpoint is written
+        for model, path, meta in saves:
+            if isinstance(model, PFMModel):
+                save_pfm(model, path, config, meta=meta)  # type: ignore[arg-type]
+            else:
+                save_model_checkpoint(model, config, path, meta=meta)  # type: ignore[arg-type]
+        atomic_write_json(report, out / "report.json")
+
+    def log_report(self, trainer: L.Trainer, report: Mapping[str, Any]) -> None:
+        """Headline scalars to every logger; the results table and the plots to W&B."""
+        scalars: dict[str, float] = {}
+        for k, v in report.get("endpoints", {}).items():
+            scalars[f"endpoints/{k}/acc"], scalars[f"endpoints/{k}/loss"] = v["acc"], v["loss"]
+        if "ensemble" in report:
+            scalars["ensemble/acc"] = report["ensemble"]["acc"]
+        for kind in ("merged", "merged_pfm", "pruned"):
+            ck = report.get(f"{kind}_checkpoint")
+            if ck and ck.get("test_acc") is not None:
+                scalars[f"{kind}/acc"] = ck["test_acc"]
+        for variant, b in report.get("lmc", {}).get("barrier", {}).items():
+            scalars[f"barrier/{variant}/acc"], scalars[f"barrier/{variant}/loss"] = b["acc"], b["loss"]
+        if scalars:
+            for lg in trainer.loggers:
+                lg.log_metrics(scalars, step=0)
+        run = wandb_run(trainer)
+        if run is not None:
+            rows = report.get("results", [])
+            payload: dict[str, Any] = {}
+            if rows:
+                cols = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (dict, list))))
+                payload["results"] = table(cols, [[r.get(c) for c in cols] for r in rows])
+            import wandb
+
+            for k, p in report.get("plots", {}).items():
+                if Path(p).is_file():
+                    payload[f"plots/{k}"] = wandb.Image(p)
+            if payload:
+                run.log(payload)
+            run.summary.update(scalars)

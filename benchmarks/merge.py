@@ -1,4 +1,4 @@
-"""Time one full `vf merge` variant, split into phases, and the cost of its statistics passes.
+"""Time one `vf merge` variant (the merge session the callbacks share), split into phases, and its statistics cost.
 
 Runs weight matching + REPAIR (and the interpolation curve) on the Fashion-MNIST VGG pair of `make demo`
 (trains nothing: run `make demo` or `vf fit --config configs/fit/fmnist_vgg_pair.yaml` first), then prints
@@ -14,9 +14,11 @@ import argparse
 import time
 
 import torch
+from vf_lightning.callbacks import session_data
 
-from vf_lightning.commands.common import DataOptions, LoggerOptions
-from vf_lightning.commands.merge import MergeConfig, MergeRun
+from vf_lightning.checkpoint import load_networks
+from vf_lightning.data import FashionMNISTDataModule
+from vf_lightning.merge import MergeSession
 
 
 @torch.no_grad()
@@ -44,33 +46,32 @@ def main() -> None:
     p.add_argument("--matching", default="weight")
     p.add_argument("--normalization", default="repair")
     args = p.parse_args()
-    cfg = MergeConfig(
-        checkpoints=args.checkpoints,
-        data=DataOptions(calib_samples=args.calib, eval_samples=args.eval),
-        matching=[args.matching],
-        normalization=["none", args.normalization],
-        alphas=5,
-        lmc_normalizations=["none"],
-        vanishing_feature=False,
-        save_model=False,
-        out_dir="outputs/bench_merge",
-        logger=LoggerOptions(kind="none"),
-    )
-    run = MergeRun(cfg)
-    report = run.run()
-    t = report["timing"]
+    models, _ = load_networks(args.checkpoints)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models = [m.to(device).eval() for m in models]
+    dm = FashionMNISTDataModule(pad_to_32=True, num_workers=0, calib_samples=args.calib, val_subset=args.eval)
+    dm.setup("fit")
+    data = session_data(dm, None, None, 500, device)
+    t0 = time.perf_counter()
+    s = MergeSession(models, data)
+    rows = {}
+    for name in ("none", args.normalization):
+        rows[name] = s.evaluate_variant(args.matching, name)
+        s.variance_ratio(args.matching, name)
+    for alpha in (0.25, 0.75):
+        s.evaluate_variant(args.matching, "none", alpha)
+    t = {**s.timer.seconds, "total": time.perf_counter() - t0}
     # statistics pass: stats of A and of aligned B (one pass each) over the calibration data
-    b_al = run.model_b  # same architecture and cost as the aligned B
-    fwd = plain_forward_seconds([run.model_a, b_al], run.calib)
-    n_calib = sum(len(b[0]) for b in run.calib)
-    print(f"vf merge variant: {args.matching} matching, none + {args.normalization}, 5-point curve, "
-          f"{n_calib} calibration / {args.eval} test images, device {run.device}")
-    for phase in ("statistics", "matching", "normalization", "evaluation", "diagnostics", "total"):
+    fwd = plain_forward_seconds(models, data.calib)
+    n_calib = sum(len(b) for b in data.calib)
+    print(f"merge session: {args.matching} matching, none + {args.normalization}, 5-point curve, "
+          f"{n_calib} calibration / {args.eval} test images, device {device}")
+    for phase in ("statistics", "matching", "merging", "normalization", "evaluation", "diagnostics", "total"):
         print(f"  {phase:<14}{t.get(phase, 0.0):8.2f} s")
     print(f"  plain forward passes of A and B over the calibration data: {fwd:.2f} s")
     print(f"  ratio statistics / plain forward passes it needs: {t['statistics'] / fwd:.2f}")
-    row = next(r for r in report["results"] if r["normalization"] == args.normalization)
-    print(f"  merged accuracy: none {report['results'][0]['acc']:.4f} → {args.normalization} {row['acc']:.4f}")
+    print(f"  merged accuracy: none {rows['none']['acc']:.4f} → {args.normalization} "
+          f"{rows[args.normalization]['acc']:.4f}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ LightningCLI ``validate`` runs of a checkpoint-loading module). Each is configur
 front-ends over :class:`vf_lightning.merge.session.MergeSession` and the library functions.
 """
 
-from .base import DiagnosticCallback, MergingCallback, RunReport, isolated, session_data, run_report
+from .base import DiagnosticCallback, MergingCallback, RunReport, isolated, run_report, session_data
 from .merge import InterpolationCallback, MergeCallback, PFMCallback, VarianceCollapseCallback
 from .prune import PruneCallback
 from .report import ReportWriter

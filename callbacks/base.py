@@ -1,9 +1,16 @@
-"""Shared machinery of the diagnostic callbacks: cadence, isolation from training, bounded DDP-aware data, logging.
+"""Shared machinery of the diagnostic callbacks: cadence, isolation from training, bounded DDP-aware data, the
+merge session of one validation, logging.
 
-A diagnostic callback never changes the training: it works on deep copies of the networks under ``no_grad``,
+The same callbacks run during ``vf fit`` (at validation epochs of a PairModule / ClassifierModule) and in
+``vf merge`` / ``vf prune`` (once, in the ``validate`` run of a module that loads finished checkpoints). A
+diagnostic callback never changes the training: it works on frozen copies of the networks under ``no_grad``,
 restores every RNG (torch CPU/CUDA, numpy, ``random``) and every module's train/eval mode, and uses a fixed,
 bounded calibration subset (sharded per DDP rank, statistics all-reduced) and a bounded evaluation subset
 (sharded, correct counts and loss sums all-reduced), so the logged numbers equal the single-process ones.
+
+The callbacks of one validation share one :class:`~vf_lightning.merge.session.MergeSession` (alignments,
+merges, statistics, normalized variants, evaluations) through :func:`merge_session`, and one
+:class:`RunReport` (what ``ReportWriter`` writes) through :func:`run_report`.
 """
 
 from __future__ import annotations
@@ -12,35 +19,24 @@ import copy
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from vf_lightning.align import AlignmentResult, GroupTransform
-from vf_lightning.diagnostics import vf_profile
-from vf_lightning.evaluate import evaluate
+from vf_lightning.distributed import broadcast_module, rank_world
+from vf_lightning.merge.session import MergeSession, MultiMode, SessionData
 from vf_lightning.stats import iter_inputs
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
 
 # --------------------------------------------------------------------------------------------------------------
 # isolation from the training run
@@ -91,116 +87,109 @@ def frozen_copy(net: nn.Module) -> nn.Module:
     return out.eval()
 
 
+def networks_of(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, nn.Module]:
+    """The module's networks (``networks()``), identical on every rank and safe to use: frozen copies during
+    fit (BatchNorm buffers are per-rank under DDP, so rank 0's are broadcast), the loaded networks otherwise."""
+    nets: dict[str, nn.Module] = pl_module.networks()  # type: ignore[operator]
+    if trainer.state.fn != "fit":
+        return {k: v.eval() for k, v in nets.items()}
+    return {k: broadcast_module(frozen_copy(v), pl_module.device) for k, v in nets.items()}
+
+
 # --------------------------------------------------------------------------------------------------------------
-# bounded, sharded data and DDP-reduced measurements
+# bounded, sharded data
+
+
+def session_data(dm: Any, calib_samples: int | None, eval_samples: int | None, batch_size: int,
+                 device: torch.device, hold_out_selection: bool = False) -> SessionData:  # fmt: skip
+    """This rank's share of the data module's calibration subset and of the first ``eval_samples`` validation
+    samples (``None`` = all), each sharded over the ranks (rank r takes samples r, r+W, ...).
+
+    With ``hold_out_selection`` (``vf merge`` / ``vf prune``) the evaluation samples are split by parity: odd
+    positions are the reported evaluation data, even positions the validation data that chooses variants (the
+    saved merged model, best PFM depth) — selection never sees the data the report's accuracies come from.
+    """
+    if dm is None or not hasattr(dm, "calibration_dataloader"):
+        raise RuntimeError("the diagnostic callbacks need a vf_lightning data module (with calibration_dataloader "
+                           f"and val_set); got {type(dm).__name__}")  # fmt: skip
+    calib = [x.cpu() for x in iter_inputs(dm.calibration_dataloader(calib_samples, batch_size, shard=True), "cpu")]
+    rank, world = rank_world()
+    if not calib:
+        raise RuntimeError(f"calib_samples={calib_samples} leaves rank {rank} of {world} without calibration data; "
+                           "use at least one sample per rank")  # fmt: skip
+    if getattr(dm, "val_set", None) is None:
+        dm.setup("validate")
+    val_set = dm.val_set
+    n = len(val_set) if eval_samples is None else min(eval_samples, len(val_set))
+
+    def batches(index: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        mine = index[rank::world]
+        loader = DataLoader(Subset(val_set, mine), batch_size=batch_size, shuffle=False, num_workers=0)
+        return [(b[0], b[1]) for b in loader]
+
+    if not hold_out_selection:
+        return SessionData(calib, batches(list(range(n))), None, device)
+    if n < 2:
+        raise RuntimeError(f"eval_samples={eval_samples} is too small to hold out validation data; use at least 2")
+    return SessionData(calib, batches(list(range(1, n, 2))), batches(list(range(0, n, 2))), device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# what the callbacks of one validation share
 
 
 @dataclass
-class CallbackData:
-    """This rank's share of the calibration inputs (augmentation-free) and of the evaluation batches, on CPU."""
+class Candidate:
+    """A model offered for saving, scored on validation data (higher is better)."""
 
-    calib: list[torch.Tensor]
-    eval: list[tuple[torch.Tensor, torch.Tensor]]
-    device: torch.device
-
-    @property
-    def eval_inputs(self) -> list[torch.Tensor]:
-        return [x for x, _ in self.eval]
-
-    def example(self, n: int = 2) -> torch.Tensor:
-        """The first ``n`` calibration inputs on the device (to trace permutation specs, count FLOPs)."""
-        return self.calib[0][:n].to(self.device)
-
-    @classmethod
-    def from_datamodule(cls, dm: Any, calib_samples: int, eval_samples: int | None, batch_size: int,
-                        device: torch.device) -> CallbackData:  # fmt: skip
-        """Take the fixed calibration subset (``calibration_dataloader``) and the first ``eval_samples`` of the
-        validation set, each sharded over DDP ranks (rank r takes samples r, r+W, ...)."""
-        if dm is None or not hasattr(dm, "calibration_dataloader"):
-            raise RuntimeError(
-                "the diagnostic callbacks need a vf_lightning data module (with calibration_dataloader and "
-                f"val_set); got {type(dm).__name__}"
-            )
-        calib = [x.cpu() for x in iter_inputs(dm.calibration_dataloader(calib_samples, batch_size, shard=True), "cpu")]
-        if getattr(dm, "val_set", None) is None:
-            dm.setup("validate")
-        val_set = dm.val_set
-        n = len(val_set) if eval_samples is None else min(eval_samples, len(val_set))
-        rank, world = _rank_world()
-        loader = DataLoader(Subset(val_set, list(range(rank, n, world))), batch_size=batch_size, shuffle=False,
-                            num_workers=0)  # fmt: skip
-        batches = [(b[0], b[1]) for b in loader]
-        if not calib:
-            raise RuntimeError(f"calib_samples={calib_samples} leaves rank {rank} of {world} without calibration data; "
-                               "use at least one sample per rank")  # fmt: skip
-        return cls(calib, batches, device)
+    score: float
+    model: nn.Module
+    variant: str
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
-def all_reduce_sum(values: Sequence[float], device: torch.device) -> list[float]:
-    """Sum a vector of floats over DDP ranks (float64; identity outside a process group)."""
-    t = torch.tensor(list(values), dtype=torch.float64, device=device)
-    if _distributed():
-        dist.all_reduce(t)
-    return t.tolist()
+@dataclass
+class RunReport:
+    """report.json under construction (DESIGN §5): sections set by the callbacks, result rows, model candidates."""
+
+    sections: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    candidates: dict[str, Candidate] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
+
+    def offer(self, kind: str, score: float, model: nn.Module, variant: str, **meta: Any) -> None:
+        """Keep ``model`` as the ``kind`` checkpoint (``merged``, ``merged_pfm``, ``pruned``) if it scores best."""
+        best = self.candidates.get(kind)
+        if best is None or score > best.score:
+            self.candidates[kind] = Candidate(score, model, variant, dict(meta))
+
+    def add_timing(self, seconds: Mapping[str, float]) -> None:
+        for k, v in seconds.items():
+            self.timing[k] = self.timing.get(k, 0.0) + v
 
 
-def evaluate_reduced(model: nn.Module, data: CallbackData) -> dict[str, float]:
-    """``{"acc", "loss"}`` of ``model`` on the evaluation subset: correct counts and loss sums summed over ranks."""
-    n = sum(int(y.shape[0]) for _, y in data.eval)
-    correct, loss_sum = 0.0, 0.0
-    if n:
-        r = evaluate(model, data.eval, data.device)
-        correct, loss_sum = float(round(r["acc"] * n)), r["loss"] * n
-    c, s, total = all_reduce_sum([correct, loss_sum, n], data.device)
-    if total == 0:
-        raise RuntimeError("the evaluation subset is empty (eval_samples=0 or an empty validation set)")
-    return {"acc": c / total, "loss": s / total}
+class _ValidationState:
+    """Sessions, data and the report of one trainer; sessions are dropped when the validation changes."""
+
+    def __init__(self) -> None:
+        self.step: Hashable = None
+        self.sessions: dict[Hashable, MergeSession] = {}
+        self.data: dict[Hashable, SessionData] = {}
+        self.report = RunReport()
 
 
-def vf_profile_reduced(model: nn.Module, data: CallbackData) -> dict[str, float]:
-    """Vanishing-feature profile (``vf_profile``) on the calibration inputs, averaged over all ranks' samples."""
-    inputs = data.calib
-    n = sum(int(x.shape[0]) for x in inputs)
-    prof = vf_profile(model, inputs) if n else {}
-    if not _distributed():
-        return prof
-    # every rank runs the same architecture, so rank 0's layer order is everyone's (an empty rank sends zeros)
-    names = [k for k in prof] if prof else _layer_names_from(model, data)
-    sums = all_reduce_sum([prof.get(k, 0.0) * n for k in names] + [n], data.device)
-    return {k: v / sums[-1] for k, v in zip(names, sums[:-1])}
+_STATE: weakref.WeakKeyDictionary[L.Trainer, _ValidationState] = weakref.WeakKeyDictionary()
 
 
-def _layer_names_from(model: nn.Module, data: CallbackData) -> list[str]:
-    return list(vf_profile(model, [data.example(1)]))
+def _state(trainer: L.Trainer) -> _ValidationState:
+    if trainer not in _STATE:
+        _STATE[trainer] = _ValidationState()
+    return _STATE[trainer]
 
 
-def broadcast_alignment(res: AlignmentResult, device: torch.device) -> AlignmentResult:
-    """Rank 0's permutations / transforms on every rank (they already agree when statistics are reduced; this
-    makes it exact, whatever the floating-point order of the reductions)."""
-    if not _distributed():
-        return res
-
-    def bcast(t: torch.Tensor) -> torch.Tensor:
-        x = t.to(device).contiguous()
-        dist.broadcast(x, 0)
-        return x.to(t.device)
-
-    perms = {k: bcast(p) for k, p in res.perms.items()} if res.perms is not None else None
-    tr = None
-    if res.transforms_ is not None:
-        tr = {k: GroupTransform(bcast(g.merge), bcast(g.unmerge)) for k, g in res.transforms_.items()}
-    return AlignmentResult(method=res.method, spec=res.spec, perms=perms, transforms_=tr, objective=res.objective,
-                           sweeps=res.sweeps, seconds=res.seconds, history=res.history)  # fmt: skip
-
-
-def broadcast_module(model: nn.Module, device: torch.device) -> nn.Module:
-    """Rank 0's parameters and buffers on every rank (in place; identity outside a process group)."""
-    if _distributed():
-        for t in [*model.parameters(), *model.buffers()]:
-            x = t.data.to(device).contiguous()
-            dist.broadcast(x, 0)
-            t.data.copy_(x.to(t.device))
-    return model
+def run_report(trainer: L.Trainer) -> RunReport:
+    """The report the callbacks of this trainer build (written by ``ReportWriter`` in ``vf merge`` / ``vf prune``)."""
+    return _state(trainer).report
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -222,35 +211,41 @@ def lmc_fractions(freq: float) -> list[float]:
 class DiagnosticCallback(Callback):
     """Base of the merge / interpolation / PFM / variance / prune callbacks.
 
-    Runs :meth:`run` after validation every ``every_n_epochs`` epochs, or — when ``at_fractions`` is set —
-    once training has completed those fractions of ``max_epochs`` (0 = before the first step); ``at_fit_end``
-    also runs it once after the last epoch. Sanity-check validation is skipped.
+    During ``fit``: runs :meth:`run` after validation every ``every_n_epochs`` epochs, or — when ``at_fractions``
+    is set — once training has completed those fractions of ``max_epochs`` (0 = before the first step);
+    ``at_fit_end`` also runs it once after the last epoch; sanity-check validation is skipped. During
+    ``validate`` (``vf merge`` / ``vf prune``): runs once at the end of the validation epoch.
+
+    ``calib_samples`` / ``eval_samples`` (None = the data module's whole calibration subset / validation set)
+    and ``batch_size`` bound the data every statistics pass and evaluation uses.
     """
 
     prefix = "diag"
-    pair_only = True
+    min_networks = 2
 
     def __init__(
         self,
         every_n_epochs: int | None = 1,
         at_fractions: list[float] | None = None,
         at_fit_end: bool = False,
-        calib_samples: int = 512,
+        calib_samples: int | None = 512,
         eval_samples: int | None = 2000,
         batch_size: int = 500,
         seed: int = 0,
     ) -> None:
         super().__init__()
+        owner = type(self).__name__
         if every_n_epochs is not None and every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be ≥ 1 (or null to disable), got {every_n_epochs}")
+            raise ValueError(f"{owner}: every_n_epochs must be ≥ 1 (or null to disable), got {every_n_epochs}")
         if at_fractions is not None and any(not 0.0 <= f <= 1.0 for f in at_fractions):
-            raise ValueError(f"at_fractions must lie in [0, 1], got {at_fractions}")
-        if calib_samples < 1:
-            raise ValueError(f"calib_samples must be ≥ 1, got {calib_samples}")
+            raise ValueError(f"{owner}: at_fractions must lie in [0, 1], got {at_fractions}")
+        if calib_samples is not None and calib_samples < 1:
+            raise ValueError(f"{owner}: calib_samples must be ≥ 1 (or null for the whole subset), got {calib_samples}")
         if eval_samples is not None and eval_samples < 1:
-            raise ValueError(f"eval_samples must be ≥ 1 (or null for the whole validation set), got {eval_samples}")
+            raise ValueError(f"{owner}: eval_samples must be ≥ 1 (or null for the whole validation set), "
+                             f"got {eval_samples}")  # fmt: skip
         if batch_size < 1:
-            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+            raise ValueError(f"{owner}: batch_size must be ≥ 1, got {batch_size}")
         self.every_n_epochs = every_n_epochs
         self.at_fractions = None if at_fractions is None else sorted(at_fractions)
         self.at_fit_end = at_fit_end
@@ -258,31 +253,33 @@ class DiagnosticCallback(Callback):
         self.eval_samples = eval_samples
         self.batch_size = batch_size
         self.seed = seed
-        self.data: CallbackData | None = None
         self.seconds: list[float] = []  # wall time of every run (benchmarks/callbacks.py reads it)
         self.last: dict[str, float] = {}  # scalars of the last run
-        self._done_epochs: set[int] = set()
+        self._done: set[Hashable] = set()
         self.completed = 0  # completed training epochs at the current run
-        self.shared: dict[Any, Any] | None = None  # results shared between callbacks during one run
+        self._trainer: L.Trainer | None = None
 
     # ------------------------------------------------------------------------------------------------ settings
     def settings(self) -> dict[str, Any]:
         """The callback's options, added to the loggers' run config so a run can be reproduced."""
-        plain = (bool, int, float, str, list, tuple, type(None))
-        skip = ("seconds", "completed", "shared")
+        plain = (bool, int, float, str, list, tuple, dict, type(None))
+        skip = ("seconds", "completed", "last")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self).items()
                 if isinstance(v, plain) and not k.startswith("_") and k not in skip}  # fmt: skip
 
     def check_module(self, pl_module: L.LightningModule) -> None:
         """Fail at start-up on a module the callback cannot diagnose (override to add checks)."""
-        if self.pair_only and not (hasattr(pl_module, "net_a") and hasattr(pl_module, "net_b")):
-            raise TypeError(f"{type(self).__name__} needs a PairModule (net_a, net_b); got {type(pl_module).__name__}")
+        nets = getattr(pl_module, "networks", None)
+        if not callable(nets):
+            raise TypeError(f"{type(self).__name__} needs a module with networks(); got {type(pl_module).__name__}")
+        if len(nets()) < self.min_networks:
+            raise TypeError(f"{type(self).__name__} needs at least {self.min_networks} networks (a PairModule, or "
+                            f"`vf merge` with several checkpoints); {type(pl_module).__name__} has "
+                            f"{len(nets())}")  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------ hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.check_module(pl_module)
-        if stage != "fit":
-            return
         settings = {f"callbacks/{type(self).__name__}": self.settings()}
         if trainer.is_global_zero:
             for lg in trainer.loggers:
@@ -301,7 +298,12 @@ class DiagnosticCallback(Callback):
             self._run(trainer, pl_module, completed=0)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
+        if trainer.sanity_checking:
+            return
+        if trainer.state.fn == "validate":
+            self._run(trainer, pl_module, completed=trainer.current_epoch)
+            return
+        if trainer.state.fn != "fit":
             return
         completed = trainer.current_epoch + 1
         if self.at_fractions is not None:
@@ -316,33 +318,45 @@ class DiagnosticCallback(Callback):
             self._run(trainer, pl_module, completed=trainer.current_epoch)
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, completed: int) -> None:
-        if completed in self._done_epochs:
+        key = (str(trainer.state.fn), completed)
+        if key in self._done:
             return
-        self._done_epochs.add(completed)
+        self._done.add(key)
         self.completed = completed
-        self.shared = shared_results(trainer, (completed, self.calib_samples, self.eval_samples, self.batch_size))
+        self._trainer = trainer
+        st = _state(trainer)
+        step = (str(trainer.state.fn), trainer.global_step, completed)
+        if st.step != step:  # a new validation: the previous one's sessions are dropped
+            st.step, st.sessions = step, {}
         t0 = time.perf_counter()
-        try:
-            with isolated(pl_module):
-                if self.data is None:  # built once per fit, shared by callbacks asking for the same subsets
-                    cache = trainer.__dict__.setdefault("_vf_callback_data", {})
-                    key = (self.calib_samples, self.eval_samples, self.batch_size)
-                    if key not in cache:
-                        cache[key] = CallbackData.from_datamodule(trainer.datamodule, *key, pl_module.device)  # type: ignore[attr-defined]
-                    self.data = cache[key]
-                self.data.device = pl_module.device
-                self.run(trainer, pl_module, self.data)
-        finally:
-            self.shared = None
+        name = type(self).__name__
+        if trainer.state.fn == "validate":
+            rank_zero_info(f"[vf] {name}: running")
+        with isolated(pl_module):
+            self.run(trainer, pl_module, self.data(trainer, pl_module))
         self.seconds.append(time.perf_counter() - t0)
+        if trainer.state.fn == "validate":
+            rank_zero_info(f"[vf] {name}: done in {self.seconds[-1]:.1f} s")
 
-    def results(self) -> dict[Any, Any]:
-        """Results shared with the other callbacks of this validation (same step and data); fresh outside a run."""
-        return self.shared if self.shared is not None else {}
+    def data(self, trainer: L.Trainer, pl_module: L.LightningModule) -> SessionData:
+        """The bounded, sharded data of this callback (built once per trainer, shared by equal settings)."""
+        st = _state(trainer)
+        hold_out = trainer.state.fn == "validate"
+        key = (self.calib_samples, self.eval_samples, self.batch_size, hold_out)
+        if key not in st.data:
+            st.data[key] = session_data(trainer.datamodule, self.calib_samples, self.eval_samples,  # type: ignore[attr-defined]
+                                        self.batch_size, pl_module.device, hold_out)  # fmt: skip
+        d = st.data[key]
+        d.device = pl_module.device
+        return d
 
-    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, data: CallbackData) -> None:
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, data: SessionData) -> None:
         """Measure and log (subclasses); runs on every rank inside :func:`isolated`."""
         raise NotImplementedError
+
+    def report(self, trainer: L.Trainer) -> RunReport:
+        """The run's report (sections, rows, candidate models) that ``ReportWriter`` writes."""
+        return run_report(trainer)
 
     # ------------------------------------------------------------------------------------------------ logging
     def log_scalars(self, trainer: L.Trainer, metrics: Mapping[str, float], **axes: float) -> None:
@@ -367,14 +381,37 @@ class DiagnosticCallback(Callback):
                 run.log({**payload, "epoch": trainer.current_epoch})
 
 
-def shared_results(trainer: L.Trainer, key: tuple[Any, ...]) -> dict[Any, Any]:
-    """A dict the callbacks of one validation share (merges, normalized models, evaluations) so that work done by
-    one (e.g. the weight-matched, RESET merge) is not repeated by the next; dropped at the next step."""
-    step = trainer.global_step
-    store = trainer.__dict__.setdefault("_vf_callback_results", {})
-    for k in [k for k in store if k[0] != step]:
-        del store[k]
-    return store.setdefault((step, *key), {})
+class MergingCallback(DiagnosticCallback):
+    """A diagnostic callback working on merges of the module's networks through the shared merge session.
+
+    Options shared by the merging callbacks: ``matchings``; ``matching_options`` per matching (e.g.
+    ``{zip: {a: 0.3, b: 0.125}, cca: {gamma: 0.1}, weight: {max_sweeps: 50}, activation: {precision: float32}}``);
+    ``correction_sites`` (``spec`` = method-spec's rule, ``all``, or module names); ``multi_mode`` for N ≥ 3
+    networks (reference | sequential | iterative).
+    """
+
+    def __init__(self, matchings: list[str] | None = None,
+                 matching_options: dict[str, dict[str, Any]] | None = None,
+                 correction_sites: str | list[str] = "spec", multi_mode: MultiMode = "reference",
+                 **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(**kwargs)
+        self.matching_options = {k: dict(v) for k, v in (matching_options or {}).items()}
+        self.correction_sites = correction_sites
+        self.multi_mode = multi_mode
+        self.matchings = list(matchings or ["weight"])
+
+    def session(self, trainer: L.Trainer, pl_module: L.LightningModule, data: SessionData) -> MergeSession:
+        """The merge session of this validation for this callback's settings (shared with equal settings)."""
+        st = _state(trainer)
+        opts = tuple(sorted((k, tuple(sorted(v.items()))) for k, v in self.matching_options.items()))
+        sites = self.correction_sites if isinstance(self.correction_sites, str) else tuple(self.correction_sites)
+        key = (id(data), self.seed, opts, sites, self.multi_mode)
+        if key not in st.sessions:
+            nets = list(networks_of(trainer, pl_module).values())
+            st.sessions[key] = MergeSession(nets, data, seed=self.seed, options=self.matching_options,
+                                            correction_sites=self.correction_sites,
+                                            multi_mode=self.multi_mode)  # fmt: skip
+        return st.sessions[key]
 
 
 def _max_epochs(trainer: L.Trainer) -> int:

@@ -1,173 +1,159 @@
-"""Callbacks that merge the two networks of a PairModule during training and log how the merge behaves.
+"""Callbacks that merge the module's networks and measure how the merge behaves (``vf fit`` and ``vf merge``).
 
-- :class:`MergeCallback`: align, merge at α, normalize, evaluate → ``merge/<matching>/<normalization>/{acc,loss}``.
+- :class:`MergeCallback`: align, merge at α, normalize, evaluate → ``merge/<matching>/<normalization>/{acc,loss}``;
+  in ``vf merge`` also the endpoints, the ensemble, the alignment self-checks and the ``results`` rows.
 - :class:`InterpolationCallback`: the interpolation curve and its barrier (the reference's ``--lmc-freq``).
 - :class:`PFMCallback`: Preserve-First Merging over numbers of preserved layers, with parameter / FLOP ratios.
 - :class:`VarianceCollapseCallback`: per-layer variance ratios and vanishing-feature profiles of merge variants,
   before and after normalization, as W&B tables and line plots (and summary scalars for every logger).
+
+Each is a thin front-end over the shared :class:`~vf_lightning.merge.session.MergeSession`.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from vf_lightning.align import align
-from vf_lightning.diagnostics import variance_ratio, vf_ratio
-from vf_lightning.merge import barrier, interpolate_models
-
-from .base import (
-    CallbackData,
-    DiagnosticCallback,
-    broadcast_alignment,
-    broadcast_module,
-    evaluate_reduced,
-    frozen_copy,
-    line_plot,
-    lmc_fractions,
-    table,
-    vf_profile_reduced,
-)
-from .merging import (
-    MergedPair,
-    check_bias_calibration,
+from vf_lightning.diagnostics import vf_profile, vf_ratio
+from vf_lightning.distributed import all_reduce_sum, evaluate_reduced, is_distributed
+from vf_lightning.merge import barrier
+from vf_lightning.merge.pfm import PreserveFirstMerger, max_preserved, pfm_sweep
+from vf_lightning.merge.session import (
+    GENERAL_MATCHINGS,
+    NO_GOALS,
+    MergeSession,
+    SessionData,
     check_matchings,
     check_normalizations,
-    merge_pair,
 )
+from vf_lightning.repair import has_normalization
+
+from .base import MergingCallback, line_plot, lmc_fractions, table
 
 
-def _pair(pl_module: L.LightningModule) -> tuple[nn.Module, nn.Module]:
-    """Frozen copies of the two networks, identical on every rank (BatchNorm buffers are per-rank under DDP)."""
-    dev = pl_module.device
-    return (broadcast_module(frozen_copy(pl_module.net_a), dev),  # type: ignore[arg-type]
-            broadcast_module(frozen_copy(pl_module.net_b), dev))  # type: ignore[arg-type]  # fmt: skip
+def vf_profile_reduced(model: nn.Module, data: SessionData) -> dict[str, float]:
+    """Vanishing-feature profile (``vf_profile``) on the calibration inputs, averaged over all ranks' samples."""
+    n = sum(int(x.shape[0]) for x in data.calib)
+    prof = vf_profile(model, data.calib)
+    if not is_distributed():
+        return prof
+    names = list(prof)  # every rank runs the same architecture, so the layer order agrees
+    sums = all_reduce_sum([prof[k] * n for k in names] + [n], data.device)
+    return {k: v / sums[-1] for k, v in zip(names, sums[:-1])}
 
 
-class _MergingCallback(DiagnosticCallback):
-    """Common options of the merging callbacks: matchings, normalizations, α, weight-matching sweeps."""
+class _Merging(MergingCallback):
+    """Common options of the merging callbacks: matchings, normalizations, α."""
 
     permutation_only = False
     allowed_normalizations: tuple[str, ...] | None = None
 
-    def __init__(
-        self,
-        matchings: list[str] | None = None,
-        normalizations: list[str] | None = None,
-        alpha: float = 0.5,
-        max_sweeps: int = 100,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, matchings: list[str] | None = None, normalizations: list[str] | None = None,
+                 alpha: float = 0.5, **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(matchings=matchings, **kwargs)
         owner = type(self).__name__
-        self.matchings = check_matchings(matchings or ["weight"], owner, self.permutation_only)
+        self.matchings = check_matchings(self.matchings, owner, self.permutation_only)
         self.normalizations = check_normalizations(
             normalizations if normalizations is not None else ["none", "repair"], owner, self.allowed_normalizations
         )
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"{owner}: alpha must lie in [0, 1], got {alpha}")
-        if alpha != 0.5 and any(m in ("zip", "cca") for m in self.matchings):
+        if alpha != 0.5 and any(m in GENERAL_MATCHINGS for m in self.matchings):
             raise ValueError(f"{owner}: zip/cca merge with fixed weights (α = ½); got alpha={alpha}")
-        if max_sweeps < 1:
-            raise ValueError(f"{owner}: max_sweeps must be ≥ 1, got {max_sweeps}")
         self.alpha = alpha
-        self.max_sweeps = max_sweeps
 
     def check_module(self, pl_module: L.LightningModule) -> None:
         super().check_module(pl_module)
-        check_bias_calibration(self.normalizations, pl_module.net_a, type(self).__name__)  # type: ignore[arg-type]
-
-    def merges(self, a: nn.Module, b: nn.Module, data: CallbackData, shared: dict[Any, Any]) -> list[MergedPair]:
-        """One merge per matching (same permutations on every rank), shared with the other callbacks of this run."""
-        example = data.example()
-        out: list[MergedPair] = []
-        for matching in self.matchings:
-            key = ("pair", matching, self.alpha, self.seed, self.max_sweeps)
-            if key not in shared:
-                res = align(a, b, matching, loader=data.calib, example_input=example, seed=self.seed,
-                            max_sweeps=self.max_sweeps)  # fmt: skip
-                shared[key] = merge_pair(a, b, matching, data.calib, example, self.alpha, self.seed,
-                                         stats_a=shared.get("stats_a"),
-                                         alignment=broadcast_alignment(res, data.device))  # fmt: skip
-                shared["stats_a"] = shared[key].stats_a
-            out.append(shared[key])
-        return out
-
-    @staticmethod
-    def normalized(pair: MergedPair, name: str, shared: dict[Any, Any]) -> nn.Module:
-        """The merge after normalization ``name`` (computed once per run)."""
-        key = ("norm", pair.matching, pair.alpha, id(pair), name)
-        if key not in shared:
-            shared[key] = pair.normalize(name)
-        return shared[key]
-
-    @classmethod
-    def evaluated(cls, pair: MergedPair, name: str, data: CallbackData, shared: dict[Any, Any]) -> dict[str, float]:
-        """Accuracy and loss of the normalized merge, reduced over ranks (computed once per run)."""
-        key = ("eval", pair.matching, pair.alpha, id(pair), name)
-        if key not in shared:
-            shared[key] = evaluate_reduced(cls.normalized(pair, name, shared), data)
-        return shared[key]
+        net = next(iter(pl_module.networks().values()))  # type: ignore[operator]
+        if "bias_calibration" in self.normalizations and has_normalization(net):
+            raise ValueError(f"{type(self).__name__}: bias_calibration is defined for networks without normalization "
+                             "layers; this network has BatchNorm/LayerNorm — use reset or repair/rescale instead")
 
 
-class MergeCallback(_MergingCallback):
-    """Every ``every_n_epochs`` validation epochs: align the pair, merge at ``alpha``, normalize, evaluate.
+class MergeCallback(_Merging):
+    """Align the networks, merge at ``alpha``, normalize, evaluate.
 
     Logs ``merge/<matching>/<normalization>/acc`` and ``/loss`` (``none`` is always included) against ``epoch``.
-    Options: matchings (identity | weight | activation | zip | cca), normalizations (none | reset | repair |
-    rescale | reshift | bias_calibration | zero_bias), alpha, calib_samples, eval_samples, seed, max_sweeps.
+    With ``ensemble`` also ``merge/ensemble/{acc,loss}``. In ``vf merge`` it adds the report's ``endpoints``,
+    ``ensemble``, ``alignment`` (logit difference of the aligned networks and the random-permutation self-check)
+    and ``results`` rows, and offers every variant for ``merged.pt``, scored on the held-out validation half.
     """
 
     prefix = "merge"
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, ensemble: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.ensemble = ensemble
         self._rows: list[list[Any]] = []
 
-    def measure(self, a: nn.Module, b: nn.Module, data: CallbackData) -> dict[str, float]:
-        """The merged accuracies and losses of every matching × normalization (reduced over ranks)."""
-        out: dict[str, float] = {}
-        shared = self.results()
-        for pair in self.merges(a, b, data, shared):
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, data: SessionData) -> None:
+        s = self.session(trainer, pl_module, data)
+        alpha = self.alpha if s.is_pair else None
+        metrics: dict[str, float] = {}
+        rows: list[dict[str, Any]] = []
+        for matching in self.matchings:
             for name in self.normalizations:
-                m = self.evaluated(pair, name, data, shared)
-                out[f"merge/{pair.matching}/{name}/acc"] = m["acc"]
-                out[f"merge/{pair.matching}/{name}/loss"] = m["loss"]
-        return out
-
-    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, data: CallbackData) -> None:
-        metrics = self.measure(*_pair(pl_module), data)
+                t0 = time.perf_counter()
+                m = s.evaluate_variant(matching, name, alpha)
+                metrics[f"merge/{matching}/{name}/acc"], metrics[f"merge/{matching}/{name}/loss"] = m["acc"], m["loss"]
+                rows.append({"matching": matching, "normalization": name, "preserved_layers": 0, "alpha": alpha,
+                             "acc": m["acc"], "loss": m["loss"], "params_ratio": 1.0, "flops_ratio": 1.0,
+                             "seconds": time.perf_counter() - t0})  # fmt: skip
+                self._rows.append([trainer.current_epoch, matching, name, m["acc"], m["loss"]])
+        if self.ensemble:
+            e = s.ensemble_metrics()
+            metrics["merge/ensemble/acc"], metrics["merge/ensemble/loss"] = e["acc"], e["loss"]
         self.log_scalars(trainer, metrics)
-        for key, v in metrics.items():
-            _, matching, norm, kind = key.split("/")
-            if kind == "acc":
-                self._rows.append([trainer.current_epoch, matching, norm, v, metrics[key[:-3] + "loss"]])
         self.log_wandb(trainer, lambda: {"merge_table": table(["epoch", "matching", "normalization", "acc", "loss"],
                                                               self._rows)})  # fmt: skip
+        if trainer.state.fn == "validate":
+            self._report(trainer, s, rows)
+
+    def _report(self, trainer: L.Trainer, s: MergeSession, rows: list[dict[str, Any]]) -> None:
+        rep = self.report(trainer)
+        names = list(pl_names(trainer))
+        rep.sections["endpoints"] = dict(zip(names, s.endpoint_metrics()))
+        if self.ensemble:
+            rep.sections["ensemble"] = s.ensemble_metrics()
+        align = rep.sections.setdefault("alignment", {})
+        for matching in self.matchings:
+            align[matching] = s.alignment_report(matching)
+        rep.rows.extend(rows)
+        if s.data.select is not None:
+            for r in rows:
+                score = s.evaluate_variant(r["matching"], r["normalization"], r["alpha"], split="select")["acc"]
+                rep.offer("merged", score, s.normalized(r["matching"], r["normalization"], r["alpha"]),
+                          f"{r['matching']}/{r['normalization']}", alpha=r["alpha"], val_acc=score,
+                          test_acc=r["acc"])  # fmt: skip
+        rep.add_timing(s.timer.seconds)
 
 
-class InterpolationCallback(_MergingCallback):
+def pl_names(trainer: L.Trainer) -> list[str]:
+    """Names of the module's networks (``a``, ``b``, ...)."""
+    return list(trainer.lightning_module.networks())  # type: ignore[operator]
+
+
+class InterpolationCallback(_Merging):
     """The interpolation curve θ_α = (1−α)θ_A + αθ_B' and its barriers at chosen points of training.
 
     ``lmc_freq`` gives record points as the reference does (fractions ``arange(0, 1, lmc_freq) ∪ {1}`` of
     ``max_epochs``; 0 = before training); otherwise every ``every_n_epochs``. ``alphas`` is a number of evenly
-    spaced points or an explicit list. Logs ``lmc/e<epoch>/<matching>/<normalization>/{acc,loss}`` per α
-    (against ``lmc/alpha``), ``barrier/<matching>/<normalization>/{acc,loss}`` (against ``epoch``), and on W&B
-    one line plot per record point plus a table of every curve.
+    spaced points or an explicit list. Normalized points use goals interpolated at the same α. Logs
+    ``lmc/e<epoch>/<matching>/<normalization>/{acc,loss}`` per α (against ``lmc/alpha``),
+    ``barrier/<matching>/<normalization>/{acc,loss}`` (against ``epoch``), and on W&B one line plot per record
+    point plus a table of every curve; in ``vf merge`` the report's ``lmc`` section. Pairs only.
     """
 
     prefix = "lmc"
     permutation_only = True
 
-    def __init__(
-        self,
-        alphas: int | list[float] = 5,
-        lmc_freq: float | None = None,
-        normalizations: list[str] | None = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, alphas: int | list[float] = 5, lmc_freq: float | None = None,
+                 normalizations: list[str] | None = None, **kwargs: Any) -> None:  # fmt: skip
         if lmc_freq is not None:
             kwargs["at_fractions"] = lmc_fractions(lmc_freq)
         super().__init__(normalizations=normalizations if normalizations is not None else ["none"], **kwargs)
@@ -188,40 +174,33 @@ class InterpolationCallback(_MergingCallback):
         run.define_metric("lmc/*", step_metric="lmc/alpha")
         run.define_metric("barrier/*", step_metric="epoch")
 
-    def measure(self, a: nn.Module, b: nn.Module, data: CallbackData) -> dict[str, dict[str, list[float]]]:
+    def measure(self, s: MergeSession) -> dict[str, dict[str, list[float]]]:
         """``{"<matching>/<normalization>": {"alphas", "acc", "loss"}}`` (endpoints as they are)."""
+        ends = s.endpoint_metrics()
         curves: dict[str, dict[str, list[float]]] = {}
-        shared = self.results()
-        for i, model in enumerate((a, b)):
-            if ("eval", "endpoint", i) not in shared:
-                shared[("eval", "endpoint", i)] = evaluate_reduced(model, data)
-        ends = [shared[("eval", "endpoint", 0)], shared[("eval", "endpoint", 1)]]
-        for pair in self.merges(a, b, data, shared):
-            assert pair.b_aligned is not None
+        for matching in self.matchings:
             for name in self.normalizations:
                 c: dict[str, list[float]] = {"alphas": list(self.alphas), "acc": [], "loss": []}
                 for alpha in self.alphas:
-                    if alpha in (0.0, 1.0):  # endpoints as they are (interpolate_models returns exact copies)
-                        m = ends[int(alpha)]
-                    elif alpha == pair.alpha:
-                        m = self.evaluated(pair, name, data, shared)
-                    else:
-                        merged = interpolate_models(a, pair.b_aligned, alpha).eval()
-                        m = evaluate_reduced(pair.normalize(name, merged, alpha), data)
+                    m = ends[int(alpha)] if alpha in (0.0, 1.0) else s.evaluate_variant(matching, name, alpha)
                     c["acc"].append(m["acc"])
                     c["loss"].append(m["loss"])
-                curves[f"{pair.matching}/{name}"] = c
+                curves[f"{matching}/{name}"] = c
         return curves
 
-    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, data: CallbackData) -> None:
-        curves = self.measure(*_pair(pl_module), data)
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, data: SessionData) -> None:
+        s = self.session(trainer, pl_module, data)
+        if not s.is_pair:
+            rank_zero_warn(f"InterpolationCallback: interpolation curves are defined for two networks; "
+                           f"skipped for {len(s.models)}")  # fmt: skip
+            return
+        curves = self.measure(s)
         epoch = self.completed  # completed training epochs (0 = before training)
         tag = f"e{epoch}"
-        barriers: dict[str, float] = {}
-        for variant, c in curves.items():
-            barriers[f"barrier/{variant}/acc"] = barrier(c["acc"], "acc")
-            barriers[f"barrier/{variant}/loss"] = barrier(c["loss"], "loss")
-        self.log_scalars(trainer, barriers)
+        barriers: dict[str, dict[str, float]] = {
+            v: {"acc": barrier(c["acc"], "acc"), "loss": barrier(c["loss"], "loss")} for v, c in curves.items()
+        }
+        self.log_scalars(trainer, {f"barrier/{v}/{k}": b[k] for v, b in barriers.items() for k in ("acc", "loss")})
         for i, alpha in enumerate(self.alphas):
             row = {f"lmc/{tag}/{v}/{k}": c[k][i] for v, c in curves.items() for k in ("acc", "loss")}
             self.log_scalars(trainer, row, **{"lmc/alpha": alpha})
@@ -235,15 +214,23 @@ class InterpolationCallback(_MergingCallback):
                                                 f"interpolation loss, epoch {epoch}", "alpha"),
             "lmc_table": table(["epoch", "step", "variant", "alpha", "acc", "loss"], self._rows),
         })  # fmt: skip
+        if trainer.state.fn == "validate":
+            rep = self.report(trainer)
+            rep.sections["lmc"] = {"alphas": list(self.alphas),
+                                   "curves": {v: {"acc": c["acc"], "loss": c["loss"]} for v, c in curves.items()},
+                                   "barrier": barriers}  # fmt: skip
 
 
-class VarianceCollapseCallback(_MergingCallback):
+class VarianceCollapseCallback(_Merging):
     """Per-layer variance ratio std(merged)/std(goal) and vanishing-feature ratio of merge variants over training.
 
+    The variance ratio (DESIGN §5) is, per layer, the mean over channels of std(merged) / std(goal) at the inputs
+    of the activations, with goals in the merged basis — the same definition and sites in every command.
     Variants are ``<matching>/none`` (before) and ``<matching>/<normalization>`` (after). Every logger gets
     ``variance/<variant>/{mean,min,last}`` and ``vf/<variant>/{mean,last}`` against ``epoch``; W&B also gets
     ``variance_collapse/table`` (every epoch × variant × layer), per-epoch line plots over layers and a line
-    plot of the mean ratio against epoch, so the dashboard shows how collapse evolves.
+    plot of the mean ratio against epoch; in ``vf merge`` the report's ``variance_ratio`` and
+    ``vanishing_feature`` sections.
     """
 
     prefix = "variance"
@@ -260,29 +247,24 @@ class VarianceCollapseCallback(_MergingCallback):
         run.define_metric("variance/*", step_metric="epoch")
         run.define_metric("vf/*", step_metric="epoch")
 
-    def measure(self, a: nn.Module, b: nn.Module, data: CallbackData) -> dict[str, Any]:
+    def measure(self, s: MergeSession) -> dict[str, Any]:
         """``{"layers": [...], "variance": {variant: [...]}, "vf_layers": [...], "vf": {variant: [...]}}``."""
+        alpha = self.alpha if s.is_pair else None
         vr: dict[str, list[float]] = {}
         vf: dict[str, list[float]] = {}
-        layers: list[str] = []
         vf_layers: list[str] = []
-        shared = self.results()
-        refs = [vf_profile_reduced(m, data) for m in (a, b)] if self.vanishing_feature else None
-        for pair in self.merges(a, b, data, shared):
-            goal = pair.goals()
+        refs = [vf_profile_reduced(m, s.data) for m in s.models] if self.vanishing_feature else None
+        for matching in self.matchings:
             for name in self.normalizations:
-                fixed = self.normalized(pair, name, shared)
-                ratios = variance_ratio(fixed, goal, data.calib)
-                layers = list(ratios)
-                vr[f"{pair.matching}/{name}"] = list(ratios.values())
+                vr[f"{matching}/{name}"] = list(s.variance_ratio(matching, name, alpha).values())
                 if refs is not None:
-                    e = vf_ratio(vf_profile_reduced(fixed, data), refs)
+                    e = vf_ratio(vf_profile_reduced(s.normalized(matching, name, alpha), s.data), refs)
                     vf_layers = list(e)
-                    vf[f"{pair.matching}/{name}"] = list(e.values())
-        return {"layers": layers, "variance": vr, "vf_layers": vf_layers, "vf": vf}
+                    vf[f"{matching}/{name}"] = list(e.values())
+        return {"layers": list(s.vr_sites), "variance": vr, "vf_layers": vf_layers, "vf": vf}
 
-    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, data: CallbackData) -> None:
-        res = self.measure(*_pair(pl_module), data)
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, data: SessionData) -> None:
+        res = self.measure(self.session(trainer, pl_module, data))
         epoch = trainer.current_epoch
         scalars: dict[str, float] = {}
         for variant, v in res["variance"].items():
@@ -316,24 +298,27 @@ class VarianceCollapseCallback(_MergingCallback):
             return out
 
         self.log_wandb(trainer, payload)
+        if trainer.state.fn == "validate":
+            rep = self.report(trainer)
+            rep.sections["variance_ratio"] = {"layers": res["layers"], "curves": res["variance"]}
+            if res["vf"]:
+                rep.sections["vanishing_feature"] = {"layers": res["vf_layers"], "curves": res["vf"]}
 
 
-class PFMCallback(_MergingCallback):
+class PFMCallback(_Merging):
     """Preserve-First Merging over numbers of preserved layers: accuracy against parameter and FLOP ratios.
 
     ``preserve`` lists numbers of preserved layers (0 = full merge, -1 = every layer: the ensemble). Runs at the
     end of fit by default (``every_n_epochs`` to run periodically). Logs
     ``pfm/<matching>/<normalization>/p<k>/{acc,loss,params_ratio,flops_ratio}``; on W&B a table and a line plot
-    of accuracy against the FLOP ratio per normalization.
+    of accuracy against the FLOP ratio per normalization; in ``vf merge`` the PFM ``results`` rows, and the
+    variant that scores best on the held-out validation half is offered for ``merged_pfm.pt``. Pairs only.
     """
 
     prefix = "pfm"
 
     def __init__(self, preserve: list[int] | None = None, normalizations: list[str] | None = None,
                  every_n_epochs: int | None = None, at_fit_end: bool = True, **kwargs: Any) -> None:  # fmt: skip
-        from vf_lightning.merge.pfm import PFM_NORMALIZATIONS
-
-        self.allowed_normalizations = tuple(PFM_NORMALIZATIONS)
         super().__init__(normalizations=normalizations if normalizations is not None else ["none", "repair"],
                          every_n_epochs=every_n_epochs, at_fit_end=at_fit_end, **kwargs)  # fmt: skip
         self.preserve = list(preserve) if preserve is not None else [0, 2, 4, -1]
@@ -342,28 +327,48 @@ class PFMCallback(_MergingCallback):
                              f"got {preserve}")  # fmt: skip
         self._rows: list[list[Any]] = []
 
-    def measure(self, a: nn.Module, b: nn.Module, data: CallbackData) -> list[dict[str, Any]]:
+    def measure(self, s: MergeSession, validate: bool) -> list[dict[str, Any]]:
         """Rows of ``pfm_sweep`` (``preserved_layers``, ``normalization``, ``acc``, ... ) with ``matching``."""
-        from vf_lightning.merge.pfm import max_preserved, pfm_sweep
-
-        example = data.example()
-        top = max_preserved(a, example)
+        a, b = s.models
+        example = s.data.example()
+        top = max_preserved(a, example, s.spec)
         depths = list(dict.fromkeys(top if k == -1 else k for k in self.preserve))
+        if validate:  # in vf merge the full merge (k = 0) is MergeCallback's row
+            depths = [k for k in depths if k != 0]
         bad = [k for k in depths if k > top]
         if bad:
             raise ValueError(f"PFMCallback: preserve {bad} exceeds this model's {top} preservable layers")
         rows: list[dict[str, Any]] = []
+        rep = self.report(self._trainer) if validate and self._trainer is not None else None
         for matching in self.matchings:
-            res = align(a, b, matching, loader=data.calib, example_input=example, seed=self.seed,
-                        max_sweeps=self.max_sweeps)  # fmt: skip
-            res = broadcast_alignment(res, data.device)
-            for r in pfm_sweep(a, b, res, depths, self.normalizations, data.calib,
-                               lambda m: evaluate_reduced(m, data), example):  # fmt: skip
-                rows.append({"matching": matching, **r})
+            res = s.alignment(matching)
+
+            def keep(pfm: nn.Module, row: dict[str, Any], matching: str = matching) -> None:
+                if rep is None or s.data.select is None:
+                    return
+                score = s.evaluate(("pfm", matching, row["preserved_layers"], row["normalization"]), pfm,
+                                   "select")["acc"]  # fmt: skip
+                rep.offer("merged_pfm", score, pfm, f"{matching}/{row['normalization']}/k={row['preserved_layers']}",
+                          val_acc=score, test_acc=row["acc"])  # fmt: skip
+
+            merge = s.merge(matching, 0.5)
+            goal_sites = PreserveFirstMerger(a, b, res, merge.model).goal_sites()
+            goals = s.goals(merge, goal_sites) if any(n not in NO_GOALS for n in self.normalizations) else None
+            with s.timer.phase("pfm"):
+                found = pfm_sweep(a, b, res, depths, self.normalizations, s.data.calib,
+                                  lambda m: evaluate_reduced(m, s.data.eval, s.data.device), example,
+                                  on_variant=keep, goals=goals, sites=s.fix_sites, merged=merge.model)  # fmt: skip
+            rows += [{"matching": matching, "alpha": 0.5, **r} for r in found]
         return rows
 
-    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, data: CallbackData) -> None:
-        rows = self.measure(*_pair(pl_module), data)
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, data: SessionData) -> None:
+        s = self.session(trainer, pl_module, data)
+        if not s.is_pair:
+            rank_zero_warn(f"PFMCallback: Preserve-First Merging is defined for two networks; skipped for "
+                           f"{len(s.models)}")  # fmt: skip
+            return
+        validate = trainer.state.fn == "validate"
+        rows = self.measure(s, validate)
         scalars = {}
         for r in rows:
             base = f"pfm/{r['matching']}/{r['normalization']}/p{r['preserved_layers']}"
@@ -394,6 +399,8 @@ class PFMCallback(_MergingCallback):
             return out
 
         self.log_wandb(trainer, payload)
+        if validate:
+            self.report(trainer).rows.extend(rows)
 
 
 __all__ = ["InterpolationCallback", "MergeCallback", "PFMCallback", "VarianceCollapseCallback"]

@@ -1,46 +1,49 @@
-"""One-shot pruning of the training networks at a list of sparsities, with and without post-pruning normalization."""
+"""One-shot pruning of the module's networks at a list of sparsities, with and without post-pruning normalization
+(``vf fit`` at chosen epochs, ``vf prune`` on a finished checkpoint)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import lightning as L
 import torch
+from torch import nn
 
+from vf_lightning.align import ModelGraph
+from vf_lightning.diagnostics import count_params, variance_ratio
+from vf_lightning.distributed import broadcast_module, evaluate_reduced
+from vf_lightning.merge.session import SessionData, check_normalizations
 from vf_lightning.prune import PRUNERS, normalize_pruned, prune_model, sparsity_report
-from vf_lightning.repair import auto_normalization, compute_goals
+from vf_lightning.repair import auto_normalization, reference_stats
 
-from .base import (
-    CallbackData,
-    DiagnosticCallback,
-    broadcast_module,
-    evaluate_reduced,
-    frozen_copy,
-    line_plot,
-    table,
-)
-from .merging import check_normalizations
+from .base import DiagnosticCallback, line_plot, networks_of, table
 
 
 class PruneCallback(DiagnosticCallback):
-    """Prune copies of the networks (``networks``: ``a``/``b`` of a PairModule, ``net`` of a ClassifierModule).
+    """Prune copies of the networks (``networks``: names from the module's ``networks()``, default the first).
 
-    Runs at the end of fit by default (``every_n_epochs`` to run periodically). For each sparsity the pruned copy
-    is evaluated as is (``none``) and after each of ``normalizations`` (``auto`` = reset for BatchNorm, repair
-    for LayerNorm, rescale otherwise) against the dense network's statistics. Logs
-    ``prune/<net>/<pruner>/s<sparsity>/<normalization>/{acc,loss}`` and ``prune/<net>/dense/{acc,loss}``;
-    on W&B a table and a line plot of accuracy against sparsity.
+    Runs at the end of fit by default (``every_n_epochs`` to run periodically), and once in ``vf prune``. For each
+    pruner and sparsity the pruned copy is evaluated as is (``none``) and after each of ``normalizations``
+    (``auto`` = reset for BatchNorm, repair for LayerNorm, rescale otherwise) against the dense network's
+    statistics (one statistics pass, reused). Logs ``prune/<net>/<pruner>/s<sparsity>/<normalization>/{acc,loss}``
+    and ``prune/<net>/dense/{acc,loss}``; on W&B a table and a line plot of accuracy against sparsity; in
+    ``vf prune`` the report's ``endpoints``, ``results`` rows and ``variance_ratio``, and the best variant at the
+    highest sparsity (scored on the held-out validation half) is offered for ``pruned.pt``.
     """
 
     prefix = "prune"
-    pair_only = False
+    min_networks = 1
 
     def __init__(
         self,
         sparsities: list[float] | None = None,
-        pruner: str = "global_magnitude",
+        pruner: str | list[str] = "global_magnitude",
         normalizations: list[str] | None = None,
         networks: list[str] | None = None,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        fisher_samples: int = 512,
         every_n_epochs: int | None = None,
         at_fit_end: bool = True,
         **kwargs: Any,
@@ -49,70 +52,101 @@ class PruneCallback(DiagnosticCallback):
         self.sparsities = [float(s) for s in (sparsities if sparsities is not None else [0.5, 0.7, 0.9])]
         if not self.sparsities or any(not 0.0 <= s < 1.0 for s in self.sparsities):
             raise ValueError(f"PruneCallback: sparsities must lie in [0, 1), got {sparsities}")
-        if pruner not in PRUNERS:
-            raise ValueError(f"PruneCallback: unknown pruner {pruner!r}; choose from {', '.join(sorted(PRUNERS))}")
-        self.pruner = pruner
+        self.pruners = [pruner] if isinstance(pruner, str) else list(pruner)
+        bad = [p for p in self.pruners if p not in PRUNERS]
+        if bad or not self.pruners:
+            raise ValueError(f"PruneCallback: unknown pruner {bad}; choose from {', '.join(sorted(PRUNERS))}")
         self.normalizations = check_normalizations(normalizations if normalizations is not None else ["auto"],
                                                    "PruneCallback", allow_auto=True)  # fmt: skip
         if "bias_calibration" in self.normalizations:
             raise ValueError("PruneCallback: bias_calibration is a merging normalization; use auto | reset | repair | "
                              "rescale | reshift | zero_bias")  # fmt: skip
         self.networks = list(networks) if networks is not None else None
+        self.include = include
+        self.exclude = list(exclude or [])
+        self.fisher_samples = fisher_samples
         self._rows: list[list[Any]] = []
 
-    def _selected(self, pl_module: L.LightningModule) -> dict[str, torch.nn.Module]:
-        nets: dict[str, torch.nn.Module] = pl_module.networks()  # type: ignore[operator]
+    def _selected(self, nets: dict[str, nn.Module], owner: str) -> dict[str, nn.Module]:
         names = self.networks if self.networks is not None else list(nets)[:1]
         missing = [n for n in names if n not in nets]
         if missing:
-            raise ValueError(f"PruneCallback: network(s) {missing} not in {type(pl_module).__name__}; "
-                             f"choose from {', '.join(nets)}")  # fmt: skip
+            raise ValueError(f"PruneCallback: network(s) {missing} not in {owner}; choose from {', '.join(nets)}")
         return {n: nets[n] for n in names}
 
     def check_module(self, pl_module: L.LightningModule) -> None:
-        if not callable(getattr(pl_module, "networks", None)):
-            raise TypeError(f"PruneCallback needs a module with networks(); got {type(pl_module).__name__}")
-        self._selected(pl_module)
+        super().check_module(pl_module)
+        self._selected(pl_module.networks(), type(pl_module).__name__)  # type: ignore[operator]
 
-    def measure(self, name: str, dense: torch.nn.Module, data: CallbackData) -> dict[str, float]:
+    def measure(self, name: str, dense: nn.Module, data: SessionData, validate: bool) -> dict[str, Any]:
         """Dense and pruned (± normalization) accuracies and losses of one network, reduced over ranks."""
-        out: dict[str, float] = {}
-        d = evaluate_reduced(dense, data)
-        out[f"prune/{name}/dense/acc"], out[f"prune/{name}/dense/loss"] = d["acc"], d["loss"]
-        goals = None
-        if any(n in ("repair", "rescale", "reshift") or (n == "auto" and auto_normalization(dense) != "reset")
-               for n in self.normalizations):  # fmt: skip
-            goals = compute_goals([dense], data.calib, [1.0])
-        # diag_fisher needs labels: this rank's evaluation batches (rank 0's mask is then broadcast to all ranks)
-        loader = data.eval if self.pruner == "diag_fisher" else None
-        for s in self.sparsities:
-            with torch.enable_grad():
-                pruned = broadcast_module(prune_model(dense, self.pruner, s, loader), data.device)
-            achieved = float(sparsity_report(pruned)["global"])  # type: ignore[arg-type]
-            base = f"prune/{name}/{self.pruner}/s{s:g}"
-            out[f"{base}/sparsity"] = achieved
-            for norm in self.normalizations:
-                model = pruned if norm == "none" else normalize_pruned(pruned, dense, data.calib, norm, None, goals)[0]
-                m = evaluate_reduced(model, data)
-                out[f"{base}/{norm}/acc"], out[f"{base}/{norm}/loss"] = m["acc"], m["loss"]
-        return out
-
-    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, data: CallbackData) -> None:
-        scalars: dict[str, float] = {}
-        for name, net in self._selected(pl_module).items():
-            res = self.measure(name, broadcast_module(frozen_copy(net), data.device), data)
-            scalars.update(res)
+        graph = ModelGraph.of(dense)
+        fix_sites, vr_sites = graph.correction_sites(), graph.variance_sites()
+        d = evaluate_reduced(dense, data.eval, data.device)
+        stats = reference_stats([dense], data.calib, list(dict.fromkeys([*fix_sites, *vr_sites])))[0]
+        goals, vr_goals = stats.subset(fix_sites), stats.subset(vr_sites)
+        auto = auto_normalization(dense)
+        n_dense = count_params(dense)
+        # diag_fisher needs labels: validation batches (rank 0's mask is then broadcast to all ranks)
+        labelled = data.select if data.select is not None else data.eval
+        rows: list[dict[str, Any]] = []
+        curves: dict[str, list[float]] = {}
+        for pruner in self.pruners:
             for s in self.sparsities:
+                t0 = time.perf_counter()
+                with torch.enable_grad():
+                    pruned = prune_model(dense, pruner, s, labelled if pruner == "diag_fisher" else None,
+                                         self.include, self.exclude, self.fisher_samples)  # fmt: skip
+                pruned = broadcast_module(pruned, data.device)
+                achieved = float(sparsity_report(pruned, self.include, self.exclude)["global"])  # type: ignore[arg-type]
+                t_prune = time.perf_counter() - t0
                 for norm in self.normalizations:
-                    base = f"prune/{name}/{self.pruner}/s{s:g}"
-                    self._rows.append([trainer.current_epoch, name, self.pruner, s, norm, res[f"{base}/{norm}/acc"],
-                                       res[f"{base}/{norm}/loss"]])  # fmt: skip
-        self.log_scalars(trainer, scalars)
+                    t1 = time.perf_counter()
+                    label = f"auto:{auto}" if norm == "auto" else norm
+                    model = pruned if norm == "none" else normalize_pruned(pruned, dense, data.calib, norm, None,
+                                                                           goals, fix_sites)[0]  # fmt: skip
+                    m = evaluate_reduced(model, data.eval, data.device)
+                    row = {"network": name, "pruner": pruner, "sparsity": s, "achieved_sparsity": achieved,
+                           "normalization": label, "acc": m["acc"], "loss": m["loss"],
+                           "params_ratio": count_params(model, nonzero=True) / n_dense, "flops_ratio": 1.0,
+                           "seconds": t_prune + time.perf_counter() - t1}  # fmt: skip
+                    rows.append(row)
+                    if validate:
+                        curves[f"{pruner}/{s:g}/{label}"] = list(variance_ratio(model, vr_goals, data.calib).values())
+                        if data.select is not None and s == max(self.sparsities):
+                            score = evaluate_reduced(model, data.select, data.device)["acc"]
+                            self.report(self._trainer).offer(  # type: ignore[arg-type]
+                                "pruned", score, model, f"{name}/{pruner}/{s:g}/{label}", val_acc=score,
+                                test_acc=m["acc"])  # fmt: skip
+        return {"dense": d, "rows": rows, "variance": {"layers": vr_sites, "curves": curves}}
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, data: SessionData) -> None:
+        validate = trainer.state.fn == "validate"
+        scalars: dict[str, float] = {}
+        nets = self._selected(networks_of(trainer, pl_module), type(pl_module).__name__)
         epoch = trainer.current_epoch
+        for name, net in nets.items():
+            res = self.measure(name, net, data, validate)
+            scalars[f"prune/{name}/dense/acc"], scalars[f"prune/{name}/dense/loss"] = (res["dense"]["acc"],
+                                                                                      res["dense"]["loss"])
+            for r in res["rows"]:
+                base = f"prune/{name}/{r['pruner']}/s{r['sparsity']:g}"
+                key = "auto" if r["normalization"].startswith("auto:") else r["normalization"]
+                scalars[f"{base}/sparsity"] = r["achieved_sparsity"]
+                scalars[f"{base}/{key}/acc"], scalars[f"{base}/{key}/loss"] = r["acc"], r["loss"]
+                self._rows.append([epoch, name, r["pruner"], r["sparsity"], r["normalization"], r["acc"], r["loss"]])
+            if validate:
+                rep = self.report(trainer)
+                rep.sections.setdefault("endpoints", {})["dense" if len(nets) == 1 else f"dense_{name}"] = res["dense"]
+                rep.rows.extend(res["rows"])
+                rep.sections["variance_ratio"] = res["variance"]
+        self.log_scalars(trainer, scalars)
         rows = [r for r in self._rows if r[0] == epoch]
 
         def payload() -> dict[str, Any]:
-            curves = {f"{r[1]}/{r[4]}": [q[5] for q in rows if q[1] == r[1] and q[4] == r[4]] for r in rows}
+            curves: dict[str, list[float]] = {}
+            for r in rows:
+                curves.setdefault(f"{r[1]}/{r[2]}/{r[4]}", []).append(r[5])
             return {
                 "prune_table": table(["epoch", "network", "pruner", "sparsity", "normalization", "acc", "loss"],
                                      self._rows),

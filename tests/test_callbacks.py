@@ -143,7 +143,7 @@ def test_callbacks_leave_weights_optimizer_rng_and_modes_unchanged(tmp_path: Pat
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: MergeCallback(matchings=["wieght"]), "unknown matching ['wieght']"),
+        (lambda: MergeCallback(matchings=["wieght"]), "unknown matching method 'wieght'"),
         (lambda: MergeCallback(normalizations=["repiar"]), "unknown normalization ['repiar']"),
         (lambda: MergeCallback(alpha=1.5), "alpha must lie in [0, 1]"),
         (lambda: MergeCallback(every_n_epochs=0), "every_n_epochs must be ≥ 1"),
@@ -152,7 +152,7 @@ def test_callbacks_leave_weights_optimizer_rng_and_modes_unchanged(tmp_path: Pat
         (lambda: InterpolationCallback(lmc_freq=0.0), "lmc_freq must lie in (0, 1]"),
         (lambda: VarianceCollapseCallback(normalizations=["nope"]), "unknown normalization ['nope']"),
         (lambda: PFMCallback(preserve=[-2]), "preserve takes numbers of preserved layers"),
-        (lambda: PruneCallback(pruner="random"), "unknown pruner 'random'"),
+        (lambda: PruneCallback(pruner="random"), "unknown pruner ['random']"),
         (lambda: PruneCallback(sparsities=[1.5]), "sparsities must lie in [0, 1)"),
     ],
 )
@@ -164,7 +164,7 @@ def test_misconfigured_callback_fails_at_construction_naming_the_problem(make: A
 
 def test_callback_on_the_wrong_module_fails_before_training(tmp_path: Path, fmnist: Path) -> None:
     tr = trainer(tmp_path, [MergeCallback(**SMALL)])
-    with pytest.raises(TypeError, match="needs a PairModule"):
+    with pytest.raises(TypeError, match="needs at least 2 networks"):
         tr.fit(ClassifierModule(TINY_VGG), tiny_data())
     assert tr.global_step == 0
     tr = trainer(tmp_path, [MergeCallback(normalizations=["bias_calibration"], **SMALL)])

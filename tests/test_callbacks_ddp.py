@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from vf_lightning.callbacks import CallbackData, isolated
+from vf_lightning.callbacks import isolated, session_data
 
 from vf_lightning.lit import OptimConfig, PairModule
+from vf_lightning.merge import MergeSession
 
 
 def _script(repo: Path):  # type: ignore[no-untyped-def]
@@ -50,11 +51,15 @@ def test_ddp_merged_accuracy_equals_the_single_process_value(tmp_path: Path, rep
         a, b = (m.eval() for m in (module.net_a, module.net_b))
         o = script.OPTS
         cpu = torch.device("cpu")
-        data = CallbackData.from_datamodule(dm, o["calib_samples"], o["eval_samples"], o["batch_size"], cpu)
+        data = session_data(dm, o["calib_samples"], o["eval_samples"], o["batch_size"], cpu)
         merge, interp, variance = script.callbacks()
-        single.update(merge.measure(a, b, data))
-        curves = interp.measure(a, b, data)
-        res = variance.measure(a, b, data)
+        s = MergeSession([a, b], data)
+        for matching in merge.matchings:
+            for name in merge.normalizations:
+                single[f"merge/{matching}/{name}/acc"] = s.evaluate_variant(matching, name)["acc"]
+                single[f"merge/{matching}/{name}/loss"] = s.evaluate_variant(matching, name)["loss"]
+        curves = interp.measure(s)
+        res = variance.measure(s)
     # weight matching and RESET (whose statistics are all-reduced): the count of correct predictions over the same
     # 256 samples is the same, so the accuracy is equal, not just close
     for key in ("merge/weight/none/acc", "merge/weight/reset/acc"):

@@ -17,7 +17,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"models", "data", "stats", "statedict", "registry", "io", "evaluate", "checkpoint", "loggers",
                "distributed"}),
     frozenset({"align", "repair"}),
-    frozenset({"merge", "prune", "diagnostics", "multitask"}),
+    frozenset({"merge", "prune", "diagnostics"}),
     frozenset({"lit", "callbacks"}),
     frozenset({"cli", "show"}),
 )

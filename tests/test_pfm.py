@@ -252,7 +252,7 @@ def test_unsupported_graph_and_bad_arguments_fail_clearly(tmp_path) -> None:
         build_pfm(m, m, al, 1)
     a, b = _pair(_cfg("vgg11", "none", 16))
     merger = PreserveFirstMerger(a, b, align(a, b, "identity", example_input=_x(16)[:2]))
-    with pytest.raises(PFMError, match="unknown PFM normalization"):
+    with pytest.raises(ValueError, match="unknown normalization .tact."):
         merger.variant(2, "tact")
     with pytest.raises(PFMError, match="needs a calibration loader"):
         merger.variant(2, "repair")

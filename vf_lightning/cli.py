@@ -1,12 +1,37 @@
-"""The ``vf`` command: ``fit`` / ``validate`` / ``test`` (LightningCLI) and ``merge`` / ``prune``."""
+"""The ``vf`` command: ``fit`` / ``validate`` / ``test`` / ``merge`` / ``prune``, all LightningCLI.
+
+``vf merge`` and ``vf prune`` are LightningCLI ``validate`` runs of a checkpoint-loading module
+(:class:`vf_lightning.lit.MergeModule`) with the callbacks of :mod:`vf_lightning.callbacks` doing the work, so
+``--trainer.*`` (devices, strategy, num_nodes, precision, logger, callbacks), ``--data`` (class_path),
+``--seed_everything``, ``--config`` and ``--print_config`` behave exactly as in ``vf fit``. The common call stays
+short: ``--checkpoints``, ``--matching``, ``--normalization``, ``--preserve``, ``--alpha`` and ``--out_dir``
+(``vf prune``: ``--checkpoint``, ``--pruner``, ``--sparsities``, ``--normalization``, ``--out_dir``) are
+shortcuts that set the module's checkpoints and the matching options of every configured callback.
+"""
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
+from jsonargparse import Namespace, lazy_instance
 from lightning.pytorch.cli import LightningCLI
+
+from vf_lightning.callbacks import (
+    DiagnosticCallback,
+    InterpolationCallback,
+    MergeCallback,
+    PruneCallback,
+    ReportWriter,
+    VarianceCollapseCallback,
+)
+from vf_lightning.checkpoint import CheckpointError
+from vf_lightning.data import DataNotFoundError, FashionMNISTDataModule, VisionDataModule
+from vf_lightning.lit import CheckpointModule, MergeModule
+from vf_lightning.merge.session import SessionError
 
 USAGE = """usage: vf {fit,validate,test,merge,prune} [--config FILE.yaml] [options]
 
@@ -16,11 +41,13 @@ commands:
   fit        train a model or a pair of models (LightningCLI; configs in configs/fit/)
   validate   evaluate a checkpoint on the validation data
   test       evaluate a checkpoint on the test data
-  merge      align + merge + normalize two trained networks, write report.json (configs/merge/)
-  prune      one-shot prune a trained network with post-pruning normalization (configs/prune/)
+  merge      align + merge + normalize 2..N trained networks, write report.json (LightningCLI; configs/merge/)
+  prune      one-shot prune a trained network with post-pruning normalization (LightningCLI; configs/prune/)
 
 `vf COMMAND --help` lists every option; every option also works from YAML; `--print_config` prints one.
 """
+
+STARTUP_ERRORS = (CheckpointError, DataNotFoundError, SessionError, ValueError, TypeError)
 
 
 class VFLightningCLI(LightningCLI):
@@ -33,9 +60,190 @@ class VFLightningCLI(LightningCLI):
         """Build model, data and trainer; a bad value becomes a one-line usage error, not a traceback."""
         try:
             super().instantiate_classes()
-        except (ValueError, TypeError) as e:
+        except STARTUP_ERRORS as e:
             parser = self._parser(self.subcommand)
             parser.error(f"invalid configuration: {e}".split("\nGiven value")[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# vf merge / vf prune
+
+Shortcut = tuple[str, Any, str]  # (flag, type, help)
+
+
+def _accepts(cls: type, name: str) -> bool:
+    """Whether ``cls(...)`` takes an argument ``name`` (anywhere along its ``__init__`` chain)."""
+    return any("__init__" in vars(c) and name in inspect.signature(c.__init__).parameters  # type: ignore[misc]
+               for c in cls.__mro__)  # fmt: skip
+
+
+def _default(cls: type, **init_args: Any) -> dict[str, Any]:
+    """A ``class_path`` / ``init_args`` default for a list of callbacks (editable by the shortcut flags)."""
+    return {"class_path": f"vf_lightning.callbacks.{cls.__name__}", "init_args": init_args}
+
+
+def _class(path: str) -> type | None:
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(sys.modules.get(module) or __import__(module, fromlist=[name]), name)  # type: ignore[no-any-return]
+    except (ImportError, AttributeError):
+        return None
+
+
+class CheckpointCLI(VFLightningCLI):
+    """LightningCLI of ``vf merge`` / ``vf prune``: a checkpoint-loading module, a data module, the callbacks, one
+    ``validate`` run. Shortcut flags are copied into the module / callbacks that accept them."""
+
+    command = "merge"
+    shortcuts: tuple[Shortcut, ...] = ()
+    module_shortcuts: dict[str, str] = {}  # flag -> model.init_args key
+    callback_keys: dict[str, str] = {}  # flag -> callback init arg
+
+    def __init__(self, args: Sequence[str] | None) -> None:
+        argv = sys.argv
+        if args is None:  # from the console: parse `vf merge ARGS` as ARGS (the DDP launcher re-runs sys.argv)
+            sys.argv = [argv[0], *argv[2:]]
+        try:
+            self._build(args)
+        finally:
+            sys.argv = argv
+        callbacks = list(self.trainer.callbacks)  # type: ignore[attr-defined]
+        try:  # every callback checks the module before any data work
+            for cb in callbacks:
+                if isinstance(cb, DiagnosticCallback):
+                    cb.check_module(self.model)
+        except (ValueError, TypeError) as e:
+            print(f"vf {self.command}: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from e
+        writer = next((c for c in callbacks if isinstance(c, ReportWriter)), None)
+        if writer is not None:
+            writer.run_config = self.config.clone().as_dict()
+        try:
+            self.trainer.validate(self.model, datamodule=self.datamodule)
+        except (SessionError, CheckpointError, DataNotFoundError) as e:
+            print(f"vf {self.command}: error: {e}", file=sys.stderr)
+            raise SystemExit(2) from e
+
+    def _build(self, args: Sequence[str] | None) -> None:
+        super().__init__(
+            CheckpointModule,
+            VisionDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            run=False,
+            args=None if args is None else list(args),
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            parser_kwargs={"prog": f"vf {self.command}", "description": self.description()},
+            trainer_defaults={"logger": False, "enable_checkpointing": False, "num_sanity_val_steps": 0,
+                              "limit_val_batches": 1, "enable_model_summary": False, "max_epochs": 1,
+                              "enable_progress_bar": False,
+                              "default_root_dir": f"outputs/{self.command}"},  # fmt: skip
+        )
+
+    @classmethod
+    def description(cls) -> str:
+        return (cls.__doc__ or "").strip()
+
+    def default_callbacks(self) -> list[Any]:
+        raise NotImplementedError
+
+    def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
+        super().add_arguments_to_parser(parser)
+        for flag, typ, help_ in self.shortcuts:
+            parser.add_argument(f"--{flag}", type=typ, default=None, help=help_)
+        parser.set_defaults({
+            "trainer.callbacks": self.default_callbacks(),
+            "data": lazy_instance(FashionMNISTDataModule, pad_to_32=True, num_workers=0, calib_samples=2048),
+        })  # fmt: skip
+
+    def before_instantiate_classes(self) -> None:
+        """Copy the shortcut flags into the module and into every callback that takes them."""
+        cfg: Namespace = self.config
+        for flag, key in self.module_shortcuts.items():
+            value = cfg.get(flag)
+            if value is not None:
+                cfg["model.init_args." + key] = [value] if flag == "checkpoint" else value
+        callbacks = cfg.get("trainer.callbacks") or []
+        for flag, key in self.callback_keys.items():
+            value = cfg.get(flag)
+            if value is None:
+                continue
+            used = False
+            for cb in callbacks:
+                cls = _class(str(cb.get("class_path", "")))
+                if cls is None or not _accepts(cls, key):
+                    continue
+                v = value
+                if key == "matchings" and getattr(cls, "permutation_only", False):
+                    v = [m for m in value if m not in ("zip", "cca")]
+                    if not v:
+                        continue
+                cb["init_args"][key] = v
+                used = True
+            if not used:
+                self.parser.error(f"--{flag} has no effect: no configured callback takes {key!r} (trainer.callbacks)")
+
+
+class MergeCLI(CheckpointCLI):
+    """Align, merge, normalize and diagnose 2..N trained networks; write report.json, plots and merged.pt."""
+
+    command = "merge"
+    shortcuts = (
+        ("checkpoints", list[str] | None, "pair checkpoint of `vf fit`, or 2..N model checkpoints (A first)"),
+        ("matching", list[str] | None, "matchings for every callback: identity | weight | activation | zip | cca"),
+        ("normalization", list[str] | None, "normalizations: none | reset | repair | rescale | reshift | "
+                                            "bias_calibration | zero_bias"),
+        ("preserve", list[int] | None, "numbers of preserved layers for PFM (0 = full merge, -1 = all)"),
+        ("alpha", float | None, "merging coefficient of the full merge"),
+        ("out_dir", str | None, "where report.json, plots and merged.pt go"),
+    )
+    module_shortcuts = {"checkpoints": "checkpoints"}
+    callback_keys = {"matching": "matchings", "normalization": "normalizations", "preserve": "preserve",
+                     "alpha": "alpha", "out_dir": "out_dir"}  # fmt: skip
+
+    def default_callbacks(self) -> list[Any]:
+        common = {"calib_samples": None, "eval_samples": None}
+        return [
+            _default(MergeCallback, matchings=["identity", "weight"], normalizations=["none", "repair"],
+                     ensemble=True, **common),
+            _default(InterpolationCallback, matchings=["identity", "weight"], normalizations=["none"], alphas=11,
+                     **common),
+            _default(VarianceCollapseCallback, matchings=["identity", "weight"], normalizations=["none", "repair"],
+                     **common),
+            _default(ReportWriter, out_dir="outputs/merge"),
+        ]  # fmt: skip
+
+    def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
+        super().add_arguments_to_parser(parser)
+        parser.set_defaults({"model": lazy_instance(MergeModule, checkpoints=[])})
+
+
+class PruneCLI(CheckpointCLI):
+    """One-shot prune a trained network at several sparsities, then re-normalize it; write report.json and plots."""
+
+    command = "prune"
+    shortcuts = (
+        ("checkpoint", str | None, "model checkpoint, or pair checkpoint (PruneCallback.networks picks a or b)"),
+        ("pruner", list[str] | None, "global_magnitude | layerwise_magnitude | diag_fisher"),
+        ("sparsities", list[float] | None, "fractions of weights removed, in [0, 1)"),
+        ("normalization", list[str] | None, "post-pruning normalizations: auto | none | reset | repair | rescale"),
+        ("out_dir", str | None, "where report.json, plots and pruned.pt go"),
+    )
+    module_shortcuts = {"checkpoint": "checkpoints"}
+    callback_keys = {"pruner": "pruner", "sparsities": "sparsities", "normalization": "normalizations",
+                     "out_dir": "out_dir"}  # fmt: skip
+
+    def default_callbacks(self) -> list[Any]:
+        return [
+            _default(PruneCallback, sparsities=[0.5, 0.8, 0.9, 0.95], normalizations=["none", "auto"],
+                     calib_samples=None, eval_samples=None),
+            _default(ReportWriter, out_dir="outputs/prune"),
+        ]
+
+    def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
+        super().add_arguments_to_parser(parser)
+        parser.set_defaults({"model": lazy_instance(MergeModule, checkpoints=[])})
 
 
 def fit_cli(args: Sequence[str] | None) -> None:
@@ -57,13 +265,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
         return
-    cmd = args[0]
+    cmd, rest = args[0], args[1:]
     if cmd in ("fit", "validate", "test", "predict"):
         fit_cli(None if argv is None else args)
-    elif cmd in ("merge", "prune"):
-        from vf_lightning import commands
-
-        commands.run(cmd, args[1:])
+    elif cmd == "merge":
+        MergeCLI(None if argv is None else rest)
+    elif cmd == "prune":
+        PruneCLI(None if argv is None else rest)
     else:
         print(f"vf: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from vf_lightning.align.permute import Perms, apply_permutation
 from vf_lightning.align.spec import PermutationSpec
+from vf_lightning.distributed import broadcast_tensor, is_distributed
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,18 @@ class AlignmentResult:
             raise ValueError(f"matching {self.method!r} produced general transforms, not permutations; use "
                              "vf_lightning.align.merge_models / transform_model instead of aligned_b")
         return apply_permutation(model_b, self.spec, self.perms)
+
+    def broadcast(self, device: torch.device | str) -> AlignmentResult:
+        """Rank 0's permutations / transforms on every rank (they agree already when statistics are reduced; this
+        makes it exact whatever the floating-point order of the reductions). Identity in one process."""
+        if not is_distributed():
+            return self
+        perms = {k: broadcast_tensor(p, device) for k, p in self.perms.items()} if self.perms is not None else None
+        tr = None
+        if self.transforms_ is not None:
+            tr = {k: GroupTransform(broadcast_tensor(g.merge, device), broadcast_tensor(g.unmerge, device))
+                  for k, g in self.transforms_.items()}  # fmt: skip
+        return replace(self, perms=perms, transforms_=tr)
 
     def summary(self) -> dict[str, object]:
         """JSON-friendly summary (method, seconds, objective, sweeps, number of groups)."""

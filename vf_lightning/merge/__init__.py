@@ -1,5 +1,7 @@
-"""Merging: weight interpolation, model averaging, interpolation curves and barriers, Preserve-First Merging."""
+"""Merging: interpolation and barriers, Preserve-First Merging, multi-task merging (TA / TIES / TALL / consensus
+with REPAIR / TACT), and the merge session that orchestrates align → merge → repair → diagnose for every caller."""
 
+from vf_lightning.merge.experts import Expert, MultiTaskModel, TaskView
 from vf_lightning.merge.interpolate import (
     average_models,
     average_states,
@@ -8,24 +10,37 @@ from vf_lightning.merge.interpolate import (
     interpolate_state,
     interpolation_curve,
 )
+from vf_lightning.merge.multitask import MultiTaskResult, TaskData, merge_experts
 from vf_lightning.merge.pfm import (
-    PFM_NORMALIZATIONS,
     PFMError,
     PFMModel,
     PreserveFirstMerger,
     build_pfm,
     load_pfm,
     max_preserved,
-    normalize_pfm,
     pfm_sweep,
     save_pfm,
 )
+from vf_lightning.merge.session import Ensemble, Merge, MergeSession, SessionData, SessionError
+from vf_lightning.merge.tasks import DEFAULT_GRIDS, TASK_MERGERS, MergeOutput, merge_bodies
 
 __all__ = [
-    "PFM_NORMALIZATIONS",
+    "DEFAULT_GRIDS",
+    "TASK_MERGERS",
+    "Ensemble",
+    "Expert",
+    "Merge",
+    "MergeOutput",
+    "MergeSession",
+    "MultiTaskModel",
+    "MultiTaskResult",
     "PFMError",
     "PFMModel",
     "PreserveFirstMerger",
+    "SessionData",
+    "SessionError",
+    "TaskData",
+    "TaskView",
     "average_models",
     "average_states",
     "barrier",
@@ -35,7 +50,8 @@ __all__ = [
     "interpolation_curve",
     "load_pfm",
     "max_preserved",
-    "normalize_pfm",
+    "merge_bodies",
+    "merge_experts",
     "pfm_sweep",
     "save_pfm",
 ]

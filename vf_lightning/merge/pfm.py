@@ -45,24 +45,19 @@ from vf_lightning.diagnostics.complexity import count_flops, count_params
 from vf_lightning.io import atomic_torch_save
 from vf_lightning.models import ModelConfig, build_model
 from vf_lightning.repair import (
+    WEIGHT_ONLY,
     Goals,
-    affine_coefficients,
-    bias_calibrate_merged,
     calibration_inputs,
     combine_goals,
     ensure_biases,
-    fold_affine,
+    get_normalization,
+    normalize,
     reference_stats,
-    sequential_estimate,
-    zero_bias,
 )
 from vf_lightning.repair.sites import batchnorm_sites
-from vf_lightning.stats import Moments, model_device
+from vf_lightning.stats import model_device
 
 PFM_FORMAT = "vf-pfm"
-PFM_NORMALIZATIONS = ("none", "reset", "repair", "rescale", "reshift", "bias_calibration", "zero_bias")
-_AFFINE_NORMS = ("repair", "rescale", "reshift")
-_WEIGHT_NORMS = ("bias_calibration", "zero_bias")
 Maps = dict[str, tuple[torch.Tensor, torch.Tensor]]
 EvaluateFn = Callable[[nn.Module], Mapping[str, float]]
 
@@ -257,10 +252,12 @@ class PFMModel(nn.Module):
             pairs.append(pair[:, :, None, None] if flat else pair)
         return self.merged(x, *pairs)
 
-    def merged_sites(self) -> list[str]:
-        """Conv/linear outputs of the merged part (transitions included, output layers excluded), PFM names."""
+    def merged_sites(self, sites: Sequence[str] | None = None) -> list[str]:
+        """Conv/linear outputs of the merged part (transitions included, output layers excluded), PFM names;
+        with ``sites`` (base-model correction sites) only those."""
+        keep = None if sites is None else set(sites)
         return [f"merged.{n}" for n, m in self.merged.named_modules()
-                if isinstance(m, AFFINE_TYPES) and n not in self.outputs]
+                if isinstance(m, AFFINE_TYPES) and n not in self.outputs and (keep is None or n in keep)]
 
     def merged_batchnorms(self) -> list[str]:
         """BatchNorm layers of the merged part (the ones RESET re-estimates), PFM names."""
@@ -287,7 +284,8 @@ class PreserveFirstMerger:
     corrections are measured once on the fully transformed base models (:meth:`goals`) and reused.
     """
 
-    def __init__(self, model_a: nn.Module, model_b: nn.Module, alignment: AlignmentResult) -> None:
+    def __init__(self, model_a: nn.Module, model_b: nn.Module, alignment: AlignmentResult,
+                 merged: nn.Module | None = None) -> None:  # fmt: skip
         self.model_a, self.model_b = model_a, model_b
         self.spec = alignment.spec
         self.transforms = alignment.transforms
@@ -295,7 +293,7 @@ class PreserveFirstMerger:
         self.model_graph = ModelGraph.of(model_a)
         self.graph = self.model_graph.gm.graph
         self.layout = pfm_layout(self.spec, self.model_graph)
-        self._merged: dict[str, nn.Module] = {}
+        self._merged: dict[str, nn.Module] = {} if merged is None else {"none": merged.eval()}
         self._bases: dict[int, tuple[nn.Module, nn.Module]] = {}
         self._stats: tuple[Iterable[object], int | None, list[Goals]] | None = None
 
@@ -304,16 +302,14 @@ class PreserveFirstMerger:
         return self.layout.max_preserved
 
     def merged(self, normalization: str = "none") -> nn.Module:
-        """The plain merged model; ``bias_calibration`` / ``zero_bias`` variants are applied to it (cached)."""
+        """The plain merged model, or a weight-only normalization of it (``bias_calibration``, ``zero_bias``, any
+        normalization registered with ``weights_only=True``); cached."""
         if "none" not in self._merged:
             self._merged["none"] = merge_models(self.model_a, self.model_b, self.spec, self.transforms).eval()
         if normalization not in self._merged:
-            if normalization == "bias_calibration":
-                self._merged[normalization] = bias_calibrate_merged(self._merged["none"])
-            elif normalization == "zero_bias":
-                self._merged[normalization] = zero_bias(self._merged["none"])
-            else:
+            if normalization not in WEIGHT_ONLY:
                 raise PFMError(f"{normalization!r} is not a weight-only normalization of the merged model")
+            self._merged[normalization] = normalize(self._merged["none"], normalization).eval()
         return self._merged[normalization]
 
     def transformed(self) -> tuple[nn.Module, nn.Module]:
@@ -385,21 +381,29 @@ class PreserveFirstMerger:
 
     def variant(self, preserved: int, normalization: str, loader: Iterable[object] | None = None,
                 goals: Goals | None = None, max_samples: int | None = None, one_ref: bool = False,
-                eps: float = 1e-5) -> PFMModel:
-        """The PFM system at ``preserved`` layers with ``normalization`` applied (see :data:`PFM_NORMALIZATIONS`)."""
-        if normalization not in PFM_NORMALIZATIONS:
-            raise PFMError(f"unknown PFM normalization {normalization!r}; choose one of "
-                           f"{', '.join(PFM_NORMALIZATIONS)}")
-        if normalization in _WEIGHT_NORMS:
+                eps: float = 1e-5, sites: Sequence[str] | None = None) -> PFMModel:
+        """The PFM system at ``preserved`` layers with a registered ``normalization`` applied to its merged part.
+
+        Weight-only normalizations act on the merged model before the system is built; every other one (RESET,
+        REPAIR, RESCALE, RESHIFT, or one a user registered) runs on the PFM system restricted to the merged part:
+        its correction sites (``sites``: base-model correction sites, default every merged conv/linear) and its
+        BatchNorms, so the preserved prefixes keep their weights and statistics. ``goals`` are keyed by
+        base-model module names (default :meth:`goals`).
+        """
+        get_normalization(normalization)  # unknown names fail listing the registered ones
+        if normalization in WEIGHT_ONLY:
             return self.build(preserved, self.merged(normalization))
         pfm = self.build(preserved)
         if normalization == "none":
             return pfm
         if loader is None:
             raise PFMError(f"normalization {normalization!r} needs a calibration loader")
-        if normalization in _AFFINE_NORMS and goals is None:
-            goals = self.goals(loader, max_samples, one_ref)
-        return normalize_pfm(pfm, normalization, loader, goals, max_samples, eps, inplace=True)
+        site_goals = None
+        if normalization != "reset":
+            site_goals = pfm_goals_for(goals if goals is not None else self.goals(loader, max_samples, one_ref), pfm,
+                                       sites)  # fmt: skip
+        return normalize(pfm, normalization, loader, goals=site_goals, sites=pfm.merged_sites(sites),
+                         bn_sites=pfm.merged_batchnorms(), max_samples=max_samples, eps=eps).eval()  # type: ignore[return-value]
 
 
 def build_pfm(model_a: nn.Module, model_b: nn.Module, alignment: AlignmentResult, preserved: int) -> PFMModel:
@@ -414,51 +418,16 @@ def max_preserved(model: nn.Module, example_input: torch.Tensor, spec: Permutati
     return pfm_layout(spec, graph).max_preserved
 
 
-def pfm_goals_for(goals: Goals, pfm: PFMModel) -> Goals:
+def pfm_goals_for(goals: Goals, pfm: PFMModel, sites: Sequence[str] | None = None) -> Goals:
     """``goals`` keyed by base-model module names, renamed to the merged-part sites of ``pfm``."""
     mean, std = {}, {}
-    for site in pfm.merged_sites():
+    for site in pfm.merged_sites(sites):
         name = site[len("merged."):]
         if name not in goals.mean:
             raise KeyError(f"no goal statistics for {name!r}; compute goals over every conv/linear layer "
                            "(PreserveFirstMerger.goals)")
         mean[site], std[site] = goals.mean[name], goals.std[name]
     return Goals(mean, std)
-
-
-@torch.no_grad()
-def normalize_pfm(pfm: PFMModel, normalization: str, loader: Iterable[object], goals: Goals | None = None,
-                  max_samples: int | None = None, eps: float = 1e-5, inplace: bool = False) -> PFMModel:
-    """RESET, or REPAIR / RESCALE / RESHIFT towards ``goals``, of the merged part only, exact and sequential.
-
-    Sites are the merged part's conv/linear outputs (transitions included, classifier excluded) and, for
-    every method, its BatchNorm layers; the preserved base prefixes keep their weights and statistics.
-    Corrections are folded into the weights. ``goals`` are keyed by base-model module names.
-    """
-    if normalization not in ("reset",) + _AFFINE_NORMS:
-        raise PFMError(f"normalize_pfm handles reset, repair, rescale and reshift, got {normalization!r}; "
-                       "bias_calibration and zero_bias act on the merged weights (PreserveFirstMerger.variant)")
-    out = pfm if inplace else copy.deepcopy(pfm)
-    kinds: dict[str, Any] = dict.fromkeys(out.merged_batchnorms(), "bn")
-    modules = dict(out.named_modules())
-    site_goals: Goals | None = None
-    if normalization in _AFFINE_NORMS:
-        if goals is None:
-            raise PFMError(f"normalization {normalization!r} needs goal statistics (PreserveFirstMerger.goals)")
-        site_goals = pfm_goals_for(goals, out)
-        kinds.update(dict.fromkeys(site_goals.sites, "output"))
-    if not kinds:
-        return out
-
-    def on_output(name: str, mom: Moments) -> tuple[torch.Tensor, torch.Tensor]:
-        assert site_goals is not None
-        a, c = affine_coefficients(normalization, mom.mean, mom.var,  # type: ignore[arg-type]
-                                   site_goals.mean[name], site_goals.std[name], eps)
-        fold_affine(modules[name], a, c)
-        return a, c
-
-    sequential_estimate(out, kinds, calibration_inputs(loader, max_samples), on_output)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -478,22 +447,25 @@ def pfm_sweep(
     one_ref: bool = False,
     eps: float = 1e-5,
     on_variant: Callable[[PFMModel, dict[str, Any]], None] | None = None,
+    goals: Goals | None = None,
+    sites: Sequence[str] | None = None,
+    merged: nn.Module | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate every ``(preserved, normalization)`` PFM variant; one trace, merge and goal-statistics pass.
 
     Rows ``{"preserved_layers", "normalization", "acc", "loss", "params_ratio", "flops_ratio", "seconds"}``
     (``seconds`` = building and normalizing the variant, without evaluation). ``evaluate_fn(model)`` returns
     ``{"acc", "loss"}``; ``on_variant(pfm, row)`` sees each variant (e.g. to keep or save the best one).
+    ``goals`` (keyed by base-model names, covering :meth:`PreserveFirstMerger.goal_sites`), ``sites`` (the
+    correction sites) and ``merged`` (the plain merged model) may come from a merge session.
     """
-    merger = PreserveFirstMerger(model_a, model_b, alignment)
-    bad = [n for n in normalizations if n not in PFM_NORMALIZATIONS]
-    if bad:
-        raise PFMError(f"unknown PFM normalization(s) {bad}; choose from {', '.join(PFM_NORMALIZATIONS)}")
+    merger = PreserveFirstMerger(model_a, model_b, alignment, merged)
+    for n in normalizations:
+        get_normalization(n)
     for k in preserved_list:
         merger.layout.check(k)
     data = calibration_inputs(calib_loader, max_samples) if calib_loader is not None else None
-    goals: Goals | None = None
-    if data is not None and any(n in _AFFINE_NORMS for n in normalizations):
+    if goals is None and data is not None and any(n not in ("none", "reset", *WEIGHT_ONLY) for n in normalizations):
         goals = merger.goals(data, None, one_ref)
     base_flops = count_flops(model_a, example_input)
     base_params = count_params(model_a)
@@ -502,7 +474,7 @@ def pfm_sweep(
         ratios: tuple[float, float] | None = None
         for norm in normalizations:
             t0 = time.perf_counter()
-            pfm = merger.variant(k, norm, data, goals, None, one_ref, eps)
+            pfm = merger.variant(k, norm, data, goals, None, one_ref, eps, sites)
             seconds = time.perf_counter() - t0
             if ratios is None:
                 ratios = (count_params(pfm) / base_params, count_flops(pfm, example_input) / base_flops)

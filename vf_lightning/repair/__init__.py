@@ -12,6 +12,7 @@ from vf_lightning.repair.fold import ensure_biases, fold_affine
 from vf_lightning.repair.goals import Goals, combine_goals, compute_goals, reference_stats
 from vf_lightning.repair.registry import (
     NORMALIZATIONS,
+    WEIGHT_ONLY,
     NormContext,
     auto_normalization,
     get_normalization,
@@ -29,6 +30,7 @@ from vf_lightning.repair.sites import (
 
 __all__ = [
     "NORMALIZATIONS",
+    "WEIGHT_ONLY",
     "Goals",
     "NormContext",
     "affine_coefficients",

@@ -91,14 +91,16 @@ def _set_bn_stats(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> None:
 
 
 def reset_bn_stats(
-    model: nn.Module, loader: Iterable[object], max_samples: int | None = None, inplace: bool = False
+    model: nn.Module, loader: Iterable[object], max_samples: int | None = None, inplace: bool = False,
+    bn_sites: Sequence[str] | None = None,
 ) -> nn.Module:
-    """RESET: every BatchNorm's running mean/var set to the exact population statistics of its eval-mode input.
+    """RESET: every BatchNorm's (or only ``bn_sites``') running mean/var set to the exact population statistics
+    of its eval-mode input.
 
     Layer by layer (upstream BNs already reset and in eval mode); no-op for models without BatchNorm.
     """
     out = model if inplace else copy.deepcopy(model)
-    names = batchnorm_sites(out)
+    names = batchnorm_sites(out) if bn_sites is None else list(bn_sites)
     if not names:
         return out
     sequential_estimate(out, dict.fromkeys(names, "bn"), calibration_inputs(loader, max_samples), lambda n, m: None)
@@ -136,6 +138,7 @@ def affine_correct(
     max_samples: int | None = None,
     eps: float = 1e-5,
     reset_bn: bool = True,
+    bn_sites: Sequence[str] | None = None,
     inplace: bool = False,
     max_scale: float | None = None,
 ) -> nn.Module:
@@ -155,7 +158,8 @@ def affine_correct(
     modules = dict(out.named_modules())
     kinds: dict[str, SiteKind] = dict.fromkeys(names, "output")
     if reset_bn:  # a BatchNorm that is itself a site keeps its stats: its corrected output is exact anyway
-        kinds.update({n: "bn" for n in batchnorm_sites(out) if n not in kinds})
+        resets = batchnorm_sites(out) if bn_sites is None else list(bn_sites)
+        kinds.update({n: "bn" for n in resets if n not in kinds})
 
     def on_output(name: str, mom: Moments) -> tuple[torch.Tensor, torch.Tensor]:
         a, c = affine_coefficients(method, mom.mean, mom.var, goals.mean[name], goals.std[name], eps, max_scale)

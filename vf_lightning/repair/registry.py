@@ -33,6 +33,7 @@ class NormContext:
     average: bool = False
     alpha: float = 0.5
     eps: float = 1e-5
+    bn_sites: Sequence[str] | None = None  # the BatchNorms RESET re-estimates (None = all; PFM: the merged part)
 
     def need_data(self, name: str) -> Iterable[object]:
         if self.data is None:
@@ -54,8 +55,17 @@ Normalization = Callable[[nn.Module, NormContext], nn.Module]
 NORMALIZATIONS: Registry[Normalization] = Registry("normalization")
 
 
-def register_normalization(name: str) -> Callable[[Normalization], Normalization]:
-    """Register a normalization ``fn(model, ctx) -> nn.Module`` under ``name``."""
+WEIGHT_ONLY: set[str] = set()  # normalizations that act on the merged weights alone (no data, no statistics)
+
+
+def register_normalization(name: str, weights_only: bool = False) -> Callable[[Normalization], Normalization]:
+    """Register a normalization ``fn(model, ctx) -> nn.Module`` under ``name``.
+
+    A statistics normalization honours ``ctx.sites`` / ``ctx.bn_sites`` (so it also works on the merged part of
+    a Preserve-First Merging system); a ``weights_only`` one is applied to the plain merged model instead.
+    """
+    if weights_only:
+        WEIGHT_ONLY.add(name)
     return NORMALIZATIONS.register(name)
 
 
@@ -80,15 +90,14 @@ def _none(model: nn.Module, ctx: NormContext) -> nn.Module:
 
 @register_normalization("reset")
 def _reset(model: nn.Module, ctx: NormContext) -> nn.Module:
-    return reset_bn_stats(model, ctx.need_data("reset"), max_samples=ctx.max_samples)
+    return reset_bn_stats(model, ctx.need_data("reset"), max_samples=ctx.max_samples, bn_sites=ctx.bn_sites)
 
 
 def _affine(method: str) -> Normalization:
     def run(model: nn.Module, ctx: NormContext) -> nn.Module:
         goals = ctx.resolve_goals(model, method)
-        return affine_correct(
-            model, goals, ctx.need_data(method), method, ctx.sites, ctx.max_samples, ctx.eps  # type: ignore[arg-type]
-        )
+        return affine_correct(model, goals, ctx.need_data(method), method, ctx.sites, ctx.max_samples,  # type: ignore[arg-type]
+                              ctx.eps, bn_sites=ctx.bn_sites)
 
     return run
 
@@ -97,7 +106,7 @@ for _m in ("repair", "rescale", "reshift"):
     register_normalization(_m)(_affine(_m))
 
 
-@register_normalization("bias_calibration")
+@register_normalization("bias_calibration", weights_only=True)
 def _bias_calibration(model: nn.Module, ctx: NormContext) -> nn.Module:
     """Two references ``[A, B']`` with weights ``[1−α, α]``: endpoint form; no references: merged-model form."""
     if len(ctx.refs) == 2:
@@ -108,7 +117,7 @@ def _bias_calibration(model: nn.Module, ctx: NormContext) -> nn.Module:
     return bias_calibrate_merged(model, ctx.alpha)
 
 
-@register_normalization("zero_bias")
+@register_normalization("zero_bias", weights_only=True)
 def _zero_bias(model: nn.Module, ctx: NormContext) -> nn.Module:
     return zero_bias(model)
 
@@ -125,16 +134,18 @@ def normalize(
     average: bool = False,
     alpha: float = 0.5,
     eps: float = 1e-5,
+    bn_sites: Sequence[str] | None = None,
 ) -> nn.Module:
     """Apply normalization ``name`` (or ``auto``) to a merged or pruned model; returns a new plain model.
 
     ``refs``/``weights`` give the goal statistics (``[A, B']`` with ``[1−α, α]`` for a merge, ``[dense]`` for
     pruning); pass ``goals`` to reuse precomputed ones. ``average`` selects averaged goals; ``alpha`` is the
-    merge coefficient for ``bias_calibration`` without references; ``eps`` is REPAIR/RESCALE's ``√(v+ε)``.
+    merge coefficient for ``bias_calibration`` without references; ``eps`` is REPAIR/RESCALE's ``√(v+ε)``;
+    ``bn_sites`` limits which BatchNorms RESET re-estimates.
     """
     if name == "auto":
         name = auto_normalization(model)
     fn = get_normalization(name)
     data = calibration_inputs(loader, max_samples) if loader is not None else None
-    ctx = NormContext(data, refs, weights, goals, sites, max_samples, average, alpha, eps)
+    ctx = NormContext(data, refs, weights, goals, sites, max_samples, average, alpha, eps, bn_sites)
     return fn(model, ctx)

@@ -1,0 +1,81 @@
+"""`vf merge --trainer.devices 2 --trainer.strategy ddp` gives the single-process report, and only rank 0 writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from vf_lightning.checkpoint import save_model_checkpoint
+from vf_lightning.models import ModelConfig, build_model
+
+CFG = ModelConfig(arch="vgg11", norm="bn", width=0.125, in_channels=1)
+
+
+def _config(tmp: Path, out: Path) -> Path:
+    small = {"calib_samples": None, "eval_samples": None, "batch_size": 100}
+    cb = "vf_lightning.callbacks."
+    cfg = {
+        "trainer": {"accelerator": "cpu", "callbacks": [
+            {"class_path": cb + "MergeCallback", "init_args": {"matchings": ["weight", "activation"],
+                                                               "normalizations": ["none", "reset"], **small}},
+            {"class_path": cb + "InterpolationCallback", "init_args": {"matchings": ["weight"], "alphas": 3,
+                                                                       "normalizations": ["none", "reset"], **small}},
+            {"class_path": cb + "VarianceCollapseCallback", "init_args": {"matchings": ["weight"],
+                                                                          "normalizations": ["reset"], **small}},
+            {"class_path": cb + "ReportWriter", "init_args": {"out_dir": str(out)}},
+        ]},
+        "model": {"class_path": "vf_lightning.lit.MergeModule",
+                  "init_args": {"checkpoints": [str(tmp / "a.pt"), str(tmp / "b.pt")]}},
+        "data": {"class_path": "vf_lightning.data.FashionMNISTDataModule",
+                 "init_args": {"pad_to_32": True, "num_workers": 0, "calib_samples": 200, "val_subset": 400,
+                               "eval_batch_size": 100}},
+    }  # fmt: skip
+    path = tmp / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _run(repo: Path, tmp: Path, name: str, *extra: str) -> dict:
+    out = tmp / name
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, "-m", "vf_lightning.cli", "merge", "--config", str(_config(tmp, out)),
+                           *extra], cwd=tmp, env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.ddp
+def test_ddp_merge_report_equals_the_single_process_report(tmp_path: Path, repo: Path, fmnist: Path) -> None:
+    for seed, name in ((1, "a.pt"), (2, "b.pt")):
+        torch.manual_seed(seed)
+        save_model_checkpoint(build_model(CFG), CFG, tmp_path / name)
+    single = _run(repo, tmp_path, "single")
+    ddp = _run(repo, tmp_path, "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    assert str(ddp["config"]["trainer"]["devices"]) == "2"
+    key = ("matching", "normalization", "preserved_layers")
+    rows1 = {tuple(r[k] for k in key): r for r in single["results"]}
+    rows2 = {tuple(r[k] for k in key): r for r in ddp["results"]}
+    assert rows1.keys() == rows2.keys()
+    for k, r in rows1.items():
+        assert abs(r["acc"] - rows2[k]["acc"]) <= 1e-6, k
+        assert abs(r["loss"] - rows2[k]["loss"]) <= 1e-5, k
+    for net in ("a", "b"):
+        assert abs(single["endpoints"][net]["acc"] - ddp["endpoints"][net]["acc"]) <= 1e-6
+    assert single["alignment"]["weight"]["objective"] == ddp["alignment"]["weight"]["objective"]
+    for variant, curve in single["variance_ratio"]["curves"].items():
+        assert ddp["variance_ratio"]["curves"][variant] == pytest.approx(curve, rel=1e-5)
+    # identical permutations: the chosen merged model has identical weights
+    m1 = torch.load(tmp_path / "single/merged.pt", weights_only=True)
+    m2 = torch.load(tmp_path / "ddp/merged.pt", weights_only=True)
+    assert m1["meta"]["variant"] == m2["meta"]["variant"]
+    for k, v in m1["state_dict"].items():
+        torch.testing.assert_close(m2["state_dict"][k], v, rtol=1e-5, atol=1e-6)
+    # only rank 0 wrote: one report, no stray per-rank files
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir() if p.suffix == ".json") == ["report.json"]

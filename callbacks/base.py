@@ -34,8 +34,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from vf_lightning.align import MATCHERS
 from vf_lightning.distributed import broadcast_module, rank_world
 from vf_lightning.merge.session import MergeSession, MultiMode, SessionData
+from vf_lightning.models import fast_memory_format
 from vf_lightning.stats import iter_inputs
 
 # --------------------------------------------------------------------------------------------------------------
@@ -92,8 +94,8 @@ def networks_of(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, n
     fit (BatchNorm buffers are per-rank under DDP, so rank 0's are broadcast), the loaded networks otherwise."""
     nets: dict[str, nn.Module] = pl_module.networks()  # type: ignore[operator]
     if trainer.state.fn != "fit":
-        return {k: v.eval() for k, v in nets.items()}
-    return {k: broadcast_module(frozen_copy(v), pl_module.device) for k, v in nets.items()}
+        return {k: fast_memory_format(v).eval() for k, v in nets.items()}
+    return {k: fast_memory_format(broadcast_module(frozen_copy(v), pl_module.device)) for k, v in nets.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -190,6 +192,15 @@ def _state(trainer: L.Trainer) -> _ValidationState:
 def run_report(trainer: L.Trainer) -> RunReport:
     """The report the callbacks of this trainer build (written by ``ReportWriter`` in ``vf merge`` / ``vf prune``)."""
     return _state(trainer).report
+
+
+def session_timing(trainer: L.Trainer) -> dict[str, float]:
+    """Seconds per phase (statistics, matching, normalization, evaluation, ...) of this validation's sessions."""
+    out: dict[str, float] = {}
+    for s in _state(trainer).sessions.values():
+        for k, v in s.timer.seconds.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -336,6 +347,7 @@ class DiagnosticCallback(Callback):
             self.run(trainer, pl_module, self.data(trainer, pl_module))
         self.seconds.append(time.perf_counter() - t0)
         if trainer.state.fn == "validate":
+            st.report.add_timing({f"callback/{name}": self.seconds[-1]})
             rank_zero_info(f"[vf] {name}: done in {self.seconds[-1]:.1f} s")
 
     def data(self, trainer: L.Trainer, pl_module: L.LightningModule) -> SessionData:
@@ -395,10 +407,16 @@ class MergingCallback(DiagnosticCallback):
                  correction_sites: str | list[str] = "spec", multi_mode: MultiMode = "reference",
                  **kwargs: Any) -> None:  # fmt: skip
         super().__init__(**kwargs)
+        owner = type(self).__name__
+        self.matchings = list(matchings or ["weight"])
         self.matching_options = {k: dict(v) for k, v in (matching_options or {}).items()}
+        for name, opts in self.matching_options.items():  # a misspelt or inapplicable option fails here, by name
+            if name not in self.matchings:
+                raise ValueError(f"{owner}: matching_options names {name!r}, which is not in matchings "
+                                 f"{self.matchings}")  # fmt: skip
+            MATCHERS.check_options(name, opts, f"{owner}.matching_options")
         self.correction_sites = correction_sites
         self.multi_mode = multi_mode
-        self.matchings = list(matchings or ["weight"])
 
     def session(self, trainer: L.Trainer, pl_module: L.LightningModule, data: SessionData) -> MergeSession:
         """The merge session of this validation for this callback's settings (shared with equal settings)."""

@@ -130,7 +130,6 @@ class MergeCallback(_Merging):
                 rep.offer("merged", score, s.normalized(r["matching"], r["normalization"], r["alpha"]),
                           f"{r['matching']}/{r['normalization']}", alpha=r["alpha"], val_acc=score,
                           test_acc=r["acc"])  # fmt: skip
-        rep.add_timing(s.timer.seconds)
 
 
 def pl_names(trainer: L.Trainer) -> list[str]:

@@ -25,7 +25,7 @@ from vf_lightning.diagnostics.plots import plot_multitask_accuracy  # multi-task
 from vf_lightning.io import atomic_write_json
 from vf_lightning.merge.pfm import PFMModel, save_pfm
 
-from .base import RunReport, run_report, table, wandb_run
+from .base import RunReport, run_report, session_timing, table, wandb_run
 
 CHECKPOINT_FILES = {"merged": "merged.pt", "merged_pfm": "merged_pfm.pt", "pruned": "pruned.pt"}
 
@@ -118,6 +118,7 @@ class ReportWriter(Callback):
         if trainer.state.fn != "validate" or trainer.sanity_checking:
             return
         rep = run_report(trainer)
+        rep.add_timing(session_timing(trainer))
         report = self.build(rep)
         self.report = report
         if trainer.is_global_zero:

@@ -36,7 +36,7 @@ class ClassifierModule(BaseModule):
         net: the architecture (``ModelConfig``: arch, norm, width, ...).
         optim: optimizer settings; schedule: per-iteration learning-rate schedule.
         seed: initialization seed of the network (None: the global RNG).
-        compile: wrap the network in ``torch.compile``; channels_last: None = on for CUDA.
+        compile: wrap the network in ``torch.compile``; channels_last: None = on for conv nets.
     """
 
     def __init__(

@@ -40,6 +40,7 @@ from vf_lightning.align import (
 from vf_lightning.diagnostics.variance import variance_ratio as measure_variance_ratio
 from vf_lightning.distributed import all_reduce_max, broadcast_module, evaluate_reduced
 from vf_lightning.merge.interpolate import average_models, interpolate_models
+from vf_lightning.models import fast_memory_format
 from vf_lightning.repair import NORMALIZATIONS, Goals, combine_goals, normalize, reference_stats
 from vf_lightning.stats import iter_inputs
 
@@ -154,7 +155,8 @@ class MergeSession:
     """Merges of 2..N networks and everything derived from them, computed once and shared by its callers.
 
     Args:
-        models: the networks (A first; A is the reference basis), identical on every rank, in eval mode.
+        models: the networks (A first; A is the reference basis), identical on every rank; put in eval mode and,
+            with 2-d convolutions, in ``channels_last`` (in place).
         data: this rank's calibration / evaluation / selection data.
         seed: seed of the matchers and of the self-check permutation.
         options: per-matching options (``{"zip": {"a": 0.3}, "weight": {"max_sweeps": 50}}``).
@@ -168,7 +170,7 @@ class MergeSession:
                  multi_mode: MultiMode = "reference") -> None:  # fmt: skip
         if len(models) < 2:
             raise SessionError(f"a merge session needs at least two networks, got {len(models)}")
-        self.models = [m.eval() for m in models]
+        self.models = [fast_memory_format(m).eval() for m in models]
         self.data = data
         self.seed = seed
         self.options = {k: dict(v) for k, v in (options or {}).items()}

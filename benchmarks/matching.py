@@ -1,64 +1,157 @@
-"""Speed of the alignment engine on CPU (not a test).
+"""Speed of the alignment engine (not a test).
 
-1. Weight matching of a CIFAR VGG16 pair and a torchvision ResNet-50 pair: seconds per sweep, sweeps, total.
+1. Weight matching of a CIFAR VGG16-BN pair and a torchvision ResNet-50 pair against a plain coordinate
+   descent kept here as the baseline (every group solved every sweep, costs on CPU): total seconds, sweeps,
+   the time ratio ``wm_over_baseline`` and whether both reach the same objective.
 2. Activation-statistics pass over N samples ÷ plain no-grad forward passes of both models over the same N.
 
-Run: ``python benchmarks/matching.py [--samples 512] [--batch 128]``.
+Run: ``python benchmarks/matching.py [--samples 512] [--batch 128] [--json F]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-from vf_lightning.align import activation_statistics, build_permutation_spec, weight_matching
+from vf_lightning.align import activation_statistics, build_permutation_spec, solve_lap, weight_matching
+from vf_lightning.align.permute import expand_index, identity_perms, invert_perm, permute_state_dict
+from vf_lightning.align.spec import PermAxis, PermutationSpec
 from vf_lightning.models import ModelConfig, build_model
 
 
-def bench_weight_matching(cfg: ModelConfig, size: int) -> None:
-    a, b = build_model(cfg).eval(), build_model(cfg).eval()
-    spec = build_permutation_spec(a, torch.randn(1, 3, size, size))
-    res = weight_matching(spec, a.state_dict(), b.state_dict(), seed=0)
-    print(f"WM {cfg.arch:12s} groups={len(spec):3d} sweeps={res.sweeps:3d} total={res.seconds:7.2f}s "
-          f"per_sweep={res.seconds / res.sweeps:6.3f}s")
+def _mat(t: torch.Tensor, ax: PermAxis, size: int) -> torch.Tensor:
+    return t.movedim(ax.axis, 0).reshape(size, -1)
+
+
+def plain_weight_matching(spec: PermutationSpec, state_a: Mapping[str, torch.Tensor],
+                          state_b: Mapping[str, torch.Tensor], max_sweeps: int = 100, tol: float = 1e-12,
+                          seed: int = 0) -> tuple[dict[str, torch.Tensor], float, int]:
+    """The baseline: plain coordinate descent, every group solved in every sweep; (perms, objective, sweeps)."""
+    gen = torch.Generator().manual_seed(seed)
+    perms = {k: v.clone() for k, v in identity_perms(spec).items()}
+    keys = sorted({ax.key for g in spec.groups for ax in g.axes})
+    a = {k: state_a[k].detach().cpu().float() for k in keys}
+    cur_b = permute_state_dict({k: state_b[k].detach().cpu().float() for k in keys}, spec, perms)
+    a_mats = {(ax.key, ax.axis): _mat(a[ax.key], ax, g.size) for g in spec.groups for ax in g.axes}
+
+    def objective() -> float:
+        return float(sum(torch.dot(a[k].reshape(-1).double(), cur_b[k].reshape(-1).double()) for k in keys))
+
+    obj, sweeps = objective(), 0
+    for _ in range(max_sweeps):
+        sweeps += 1
+        progress = False
+        for gi in torch.randperm(len(spec.groups), generator=gen).tolist():
+            g = spec.groups[gi]
+            cost_cur = torch.zeros(g.size, g.size, dtype=torch.float64)
+            for ax in g.axes:
+                cost_cur += (a_mats[(ax.key, ax.axis)] @ _mat(cur_b[ax.key], ax, g.size).t()).double()
+            old = perms[g.name]
+            cost = torch.empty_like(cost_cur)
+            cost[:, old] = cost_cur
+            new = solve_lap(cost)
+            if float(cost[torch.arange(g.size), new].sum()) > float(cost_cur.diagonal().sum()) + tol:
+                progress = True
+                rel = invert_perm(old)[new]
+                for ax in g.axes:
+                    cur_b[ax.key] = cur_b[ax.key].index_select(ax.axis, expand_index(rel, ax.inner))
+                perms[g.name] = new
+        obj = objective()
+        if not progress:
+            break
+    return perms, obj, sweeps
+
+
+def bench_weight_matching(cfg: ModelConfig, size: int, device: torch.device) -> dict[str, Any]:
+    a, b = build_model(cfg).eval().to(device), build_model(cfg).eval().to(device)
+    spec = build_permutation_spec(a, torch.randn(1, 3, size, size, device=device))
+    sa, sb = a.state_dict(), b.state_dict()
+    t0 = time.perf_counter()
+    perms, obj, sweeps = plain_weight_matching(spec, sa, sb, seed=0)
+    base = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = weight_matching(spec, sa, sb, seed=0)
+    ours = time.perf_counter() - t0
+    rp = res.perms or {}
+    same = obj == res.objective and all(torch.equal(perms[k], rp[k].cpu()) for k in perms)
+    print(f"WM {cfg.arch:12s} groups={len(spec):3d} sweeps={res.sweeps:3d} (baseline {sweeps}) total={ours:7.2f}s "
+          f"baseline={base:7.2f}s ratio={ours / base:.2f} objective_equal={obj == res.objective} "
+          f"perms_equal={same}")
+    return {"arch": cfg.arch, "seconds": ours, "baseline_seconds": base, "ratio": ours / base,
+            "sweeps": res.sweeps, "baseline_sweeps": sweeps, "objective_equal": obj == res.objective,
+            "perms_equal": same}
 
 
 @torch.no_grad()
-def bench_statistics(cfg: ModelConfig, samples: int, batch: int, full: bool, precision: str) -> None:
-    a, b = build_model(cfg).eval(), build_model(cfg).eval()
+def bench_statistics(cfg: ModelConfig, samples: int, batch: int, full: bool, precision: str | None,
+                     device: torch.device) -> dict[str, Any]:
+    a, b = build_model(cfg).eval().to(device), build_model(cfg).eval().to(device)
     g = torch.Generator().manual_seed(0)
-    loader = [(torch.randn(batch, 3, 32, 32, generator=g), None) for _ in range(samples // batch)]
+    loader = [(torch.randn(batch, 3, 32, 32, generator=g).to(device), None) for _ in range(max(samples // batch, 1))]
     spec = build_permutation_spec(a, loader[0][0][:2])
     for x, _ in loader[:1]:  # warm-up
         a(x), b(x)
+        activation_statistics(a, b, spec, [(x[:8], None)], full=full, precision=precision)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    sync()
     t0 = time.perf_counter()
     for x, _ in loader:
         a(x)
         b(x)
+    sync()
     fwd = time.perf_counter() - t0
     t0 = time.perf_counter()
     activation_statistics(a, b, spec, loader, full=full, precision=precision)
+    sync()
     stats = time.perf_counter() - t0
-    kind = ("2C×2C" if full else "cross") + f", {precision}"
-    print(f"stats {cfg.arch:8s} ({kind}) N={samples}: pass={stats:.2f}s forwards={fwd:.2f}s ratio={stats / fwd:.2f}")
+    kind = ("2C×2C" if full else "cross") + f", {precision or 'native'}"
+    n = len(loader) * batch
+    print(f"stats {cfg.arch:8s} ({kind}) N={n}: pass={stats:.2f}s forwards={fwd:.2f}s ratio={stats / fwd:.2f} "
+          f"({n / stats:.0f} images/s)")
+    return {"arch": cfg.arch, "kind": kind, "seconds": stats, "forward_seconds": fwd, "ratio": stats / fwd}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=512)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--skip-wm", action="store_true", help="only run the statistics benchmark")
+    p.add_argument("--skip-stats", action="store_true", help="only run the weight-matching benchmark")
+    p.add_argument("--precision", nargs="+", default=["native"], help="statistics precisions (native float32 float64)")
+    p.add_argument("--json", help="write the measured ratios to this file")
     args = p.parse_args()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+    out: dict[str, Any] = {"device": str(device)}
     if not args.skip_wm:
-        bench_weight_matching(ModelConfig(arch="vgg16", norm="bn"), 32)
-        bench_weight_matching(ModelConfig(arch="tv_resnet50", norm="bn", num_classes=1000), 64)
-    for full, precision in ((False, "float64"), (False, "float32"), (True, "float64")):
-        for arch in ("vgg16", "resnet20"):
-            bench_statistics(ModelConfig(arch=arch, norm="bn"), args.samples, args.batch, full, precision)
+        wm = [bench_weight_matching(ModelConfig(arch="vgg16", norm="bn"), 32, device),
+              bench_weight_matching(ModelConfig(arch="tv_resnet50", norm="bn", num_classes=1000), 64, device)]
+        out["weight_matching"] = wm
+        out["wm_over_baseline"] = sum(r["seconds"] for r in wm) / sum(r["baseline_seconds"] for r in wm)
+        out["objective_equal"] = all(r["objective_equal"] for r in wm)
+        print(f"wm_over_baseline={out['wm_over_baseline']:.2f} objective_equal={out['objective_equal']}")
+    if not args.skip_stats:
+        rows = []
+        for full in (False, True):
+            for prec in args.precision:
+                for arch in ("vgg16", "resnet20"):
+                    rows.append(bench_statistics(ModelConfig(arch=arch, norm="bn"), args.samples, args.batch, full,
+                                                 None if prec == "native" else prec, device))
+        out["statistics"] = rows
+        out["stats_over_forward"] = max(r["ratio"] for r in rows)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,15 @@ Runs weight matching + REPAIR (and the interpolation curve) on the Fashion-MNIST
 the seconds per phase (statistics, matching, normalization, evaluation, diagnostics) and the ratio of the
 reference-statistics time to the plain no-grad forward passes over the same calibration data.
 
-    python benchmarks/merge.py [--checkpoints A.pt B.pt] [--calib 2048] [--normalization repair]
+    python benchmarks/merge.py [--checkpoints A.pt B.pt] [--calib 2048] [--normalization repair] [--json F]
+
+``--json F`` writes the phase seconds and ``stats_over_forward`` to ``F``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import torch
@@ -45,6 +48,7 @@ def main() -> None:
     p.add_argument("--eval", type=int, default=5000)
     p.add_argument("--matching", default="weight")
     p.add_argument("--normalization", default="repair")
+    p.add_argument("--json", help="write the phase seconds and stats_over_forward to this file")
     args = p.parse_args()
     models, _ = load_networks(args.checkpoints)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -72,6 +76,11 @@ def main() -> None:
     print(f"  ratio statistics / plain forward passes it needs: {t['statistics'] / fwd:.2f}")
     print(f"  merged accuracy: none {rows['none']['acc']:.4f} → {args.normalization} "
           f"{rows[args.normalization]['acc']:.4f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(device), "seconds": t, "forward_seconds": fwd,
+                       "stats_over_forward": t["statistics"] / fwd,
+                       "acc": {k: v["acc"] for k, v in rows.items()}}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -198,3 +198,17 @@ def test_n_model_alignment_brings_permuted_copies_into_one_basis(mode: str) -> N
     if mode != "iterative":
         assert _same_state(out.models[0], base)
         assert all(torch.equal(out.perms[0][k], v) for k, v in identity_perms(spec).items())
+
+
+@pytest.mark.parametrize("cfg", [ModelConfig(arch="vgg11", norm="bn", width=0.25),
+                                 ModelConfig(arch="resnet20", norm="bn", width=0.5)], ids=["vgg", "resnet20"])
+def test_skipping_unchanged_groups_gives_the_plain_coordinate_descent_result(cfg: ModelConfig) -> None:
+    torch.manual_seed(0)
+    a, b = build_model(cfg).eval(), build_model(cfg).eval()
+    spec = build_permutation_spec(a, torch.randn(2, 3, 32, 32))
+    fast = weight_matching(spec, a.state_dict(), b.state_dict(), seed=3)
+    plain = weight_matching(spec, a.state_dict(), b.state_dict(), seed=3, skip_unchanged=False)
+    assert fast.sweeps == plain.sweeps and fast.sweeps > 1
+    assert fast.objective == plain.objective and fast.history == plain.history
+    fp, pp = fast.perms or {}, plain.perms or {}
+    assert pp and all(torch.equal(fp[k], pp[k]) for k in pp)

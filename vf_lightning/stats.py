@@ -1,8 +1,14 @@
-"""Streaming per-channel statistics, accumulated in float64 and reducible across DDP ranks.
+"""Streaming per-channel statistics: exact per-batch moments, combined in float64 and reducible across DDP ranks.
 
 The one statistics engine of the library: RESET/REPAIR goals, activation matching, ZipIt/CCA
 covariances, TACT and the variance-ratio diagnostics all build on :class:`Moments` and
 :func:`stream_moments` / :func:`accumulate_moments`.
+
+Each batch is centred on the activation's device, in its own dtype (half types in float32), on a shift close
+to the channel means (the first batch's mean, then kept fixed), so sums and products of the centred values are
+exact to their rounding even when ``|mean| ≫ std``. Batches and DDP ranks are combined in float64 with the
+parallel-variance update of Chan et al.: count, mean, ``M2 = Σ(x − mean)²`` and the co-moment matrix
+``Σ(x − mean)(x − mean)ᵀ``.
 """
 
 from __future__ import annotations
@@ -21,62 +27,213 @@ def channel_matrix(x: torch.Tensor) -> torch.Tensor:
 
     ``N×C`` and ``N×C×H×W`` (channel axis 1) are supported; ``N×L×C`` sequence features use the last axis.
     """
+    return channel_rows(x).t().to(torch.float64)
+
+
+def channel_layout(x: torch.Tensor) -> tuple[int, tuple[int, ...]]:
+    """``(channel axis, the other axes)`` of an ``N×C``, ``N×C×H×W`` or ``N×L×C`` activation."""
     if x.dim() == 2:
-        return x.t().to(torch.float64)
+        return 1, (0,)
     if x.dim() == 4:
-        return x.transpose(0, 1).reshape(x.shape[1], -1).to(torch.float64)
+        return 1, (0, 2, 3)
     if x.dim() == 3:
-        return x.reshape(-1, x.shape[-1]).t().to(torch.float64)
+        return 2, (0, 1)
     raise ValueError(f"cannot take channel statistics of a tensor with shape {tuple(x.shape)}")
+
+
+def channel_rows(x: torch.Tensor) -> torch.Tensor:
+    """Activations as ``M × C`` (positions × channels): a view for ``N×C``, ``N×L×C`` and channels-last maps."""
+    cd, _ = channel_layout(x)
+    return x.movedim(cd, -1).reshape(-1, x.shape[cd])
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype per-batch moments are computed in: the activation's own (half types and integers: float32)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+@dataclass(frozen=True)
+class CentredBatch:
+    """One batch as centred ``M × C`` rows ``x − shift`` (computation dtype) with the shift and row sums."""
+
+    rows: torch.Tensor
+    shift: torch.Tensor  # C, float64
+    total: torch.Tensor  # C, float64: Σ rows
+
+    @property
+    def n(self) -> int:
+        return int(self.rows.shape[0])
+
+    def mean(self) -> torch.Tensor:
+        """The batch mean, float64."""
+        return self.shift + self.total / max(self.n, 1)
+
+    def m2(self) -> torch.Tensor:
+        """``Σ (x − batch mean)²`` per channel, float64."""
+        sq = (self.rows * self.rows).sum(0).to(torch.float64)
+        return (sq - self.total * self.total / max(self.n, 1)).clamp_min(0)
+
+    def comoment(self, other: CentredBatch) -> torch.Tensor:
+        """``Σ (x − x̄)(y − ȳ)ᵀ`` of this batch against ``other`` (same positions): one matmul, float64 result."""
+        prod = (self.rows.t() @ other.rows.to(self.rows.dtype)).to(torch.float64)
+        return prod - torch.outer(self.total, other.total) / max(self.n, 1)
+
+    @staticmethod
+    def cat(parts: Sequence[CentredBatch]) -> CentredBatch:
+        """The channels of ``parts`` side by side (same positions)."""
+        dt = parts[0].rows.dtype
+        return CentredBatch(torch.cat([p.rows.to(dt) for p in parts], 1), torch.cat([p.shift for p in parts]),
+                            torch.cat([p.total for p in parts]))
+
+
+def centre(x: torch.Tensor, shift: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> CentredBatch:
+    """Centre an activation batch on ``shift`` (default: its own channel means) as fresh ``M × C`` rows.
+
+    The rows are a new tensor (``dtype``, default :func:`compute_dtype` of ``x``), so later in-place ops on
+    ``x`` cannot alter them.
+    """
+    dt = dtype or compute_dtype(x.dtype)
+    cd, dims = channel_layout(x)
+    c = x.shape[cd]
+    if shift is None:
+        shift = (x if x.is_floating_point() else x.to(dt)).mean(dims, dtype=dt)
+    moved = x.movedim(cd, -1)
+    rows = torch.empty(moved.shape, dtype=dt, device=x.device)
+    torch.sub(moved, shift.to(dt), out=rows)
+    rows = rows.view(-1, c)
+    return CentredBatch(rows, shift.to(torch.float64), rows.sum(0).to(torch.float64))
+
+
+def is_distributed() -> bool:
+    """Whether an initialized process group with more than one rank is active."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_flat(parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Sum ``parts`` over all ranks in one flat all-reduce; the results in their shapes."""
+    flat = torch.cat([p.reshape(-1) for p in parts])
+    dist.all_reduce(flat)
+    out, i = [], 0
+    for p in parts:
+        out.append(flat[i:i + p.numel()].view(p.shape))
+        i += p.numel()
+    return out
+
+
+def chan_all_reduce(count: torch.Tensor, means: Sequence[torch.Tensor],
+                    second: Sequence[tuple[torch.Tensor, int, int | None]]) -> tuple[torch.Tensor, list[torch.Tensor],
+                                                                                    list[torch.Tensor]]:
+    """Exact DDP combination of float64 (count, means, second moments about the means) in two all-reduces.
+
+    ``second`` lists ``(M, i, j)``: ``M`` is ``Σ (x_i − mean_i)²`` (``j=None``, per channel) or the co-moment
+    ``Σ (x_i − mean_i)(x_j − mean_j)ᵀ``. Round 1 sums ``count`` and ``count·mean``; round 2 sums
+    ``M + count·(mean_i − μ_i)(mean_j − μ_j)`` about the global means ``μ``. Every rank gets identical results.
+    """
+    first = _all_reduce_flat([count.reshape(1)] + [count * m for m in means])
+    n = first[0].reshape(())
+    mus = [s / n.clamp_min(1) for s in first[1:]]
+    d = [m - mu for m, mu in zip(means, mus)]
+    terms = [m + count * (d[i] * d[i] if j is None else torch.outer(d[i], d[j])) for m, i, j in second]
+    return n, mus, _all_reduce_flat(terms)
 
 
 @dataclass
 class Moments:
-    """Running count, sum, sum of squares (and optionally the full outer product) of ``C`` channels."""
+    """Running count, mean, ``M2`` (and optionally the co-moment matrix) of ``C`` channels, in float64."""
 
     dim: int
     outer: bool = False
     device: torch.device | str = "cpu"
     count: torch.Tensor = field(init=False)
-    sum: torch.Tensor = field(init=False)
-    sumsq: torch.Tensor = field(init=False)
-    prod: torch.Tensor | None = field(init=False)
+    mu: torch.Tensor = field(init=False)
+    m2: torch.Tensor = field(init=False)
+    comoment: torch.Tensor | None = field(init=False)
+    shift: torch.Tensor | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         dt, dev = torch.float64, self.device
         self.count = torch.zeros((), dtype=dt, device=dev)
-        self.sum = torch.zeros(self.dim, dtype=dt, device=dev)
-        self.sumsq = torch.zeros(self.dim, dtype=dt, device=dev)
-        self.prod = torch.zeros(self.dim, self.dim, dtype=dt, device=dev) if self.outer else None
+        self.mu = torch.zeros(self.dim, dtype=dt, device=dev)
+        self.m2 = torch.zeros(self.dim, dtype=dt, device=dev)
+        self.comoment = torch.zeros(self.dim, self.dim, dtype=dt, device=dev) if self.outer else None
+
+    def combine(self, n: int, mean: torch.Tensor, m2: torch.Tensor, comoment: torch.Tensor | None = None) -> None:
+        """Chan et al.'s parallel update with a batch of ``n`` observations (its mean, ``M2``, co-moment)."""
+        if n == 0:
+            return
+        if mean.shape[0] != self.dim:
+            raise ValueError(f"Moments of {self.dim} channels got a batch with {mean.shape[0]} channels")
+        new = self.count + n
+        delta = mean.to(self.mu) - self.mu
+        w = self.count * n / new
+        self.mu += delta * (n / new)
+        self.m2 += m2.to(self.m2) + delta * delta * w
+        if self.comoment is not None:
+            if comoment is None:
+                raise ValueError("Moments with outer=True needs the batch co-moment")
+            self.comoment += comoment.to(self.comoment) + torch.outer(delta, delta) * w
+        self.count = new
+
+    def add_centred(self, batch: CentredBatch) -> None:
+        """Add a :class:`CentredBatch` (its co-moment by one matmul when ``outer``)."""
+        if self.comoment is not None:
+            com = batch.comoment(batch)
+            self.combine(batch.n, batch.mean(), com.diagonal().clamp_min(0), com)
+        else:
+            self.combine(batch.n, batch.mean(), batch.m2())
+
+    def add(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        """Add an activation batch (``N×C``, ``N×C×H×W`` or ``N×L×C``), centred in its own dtype on its device."""
+        if self.comoment is not None:
+            b = centre(x, self.shift, dtype)
+            if self.shift is None:
+                self.shift = b.shift
+            self.add_centred(b)
+            return
+        dt = dtype or compute_dtype(x.dtype)
+        cd, dims = channel_layout(x)
+        if x.shape[cd] != self.dim:
+            raise ValueError(f"Moments of {self.dim} channels got an activation with {x.shape[cd]} channels")
+        n = x.numel() // max(x.shape[cd], 1)
+        if n == 0:
+            return
+        xf = x if x.is_floating_point() else x.to(dt)
+        if self.shift is None:
+            self.shift = xf.mean(dims, dtype=dt).to(torch.float64)
+        view = [1] * x.dim()
+        view[cd] = self.dim
+        c = xf - self.shift.to(device=x.device, dtype=dt).view(view)  # a fresh tensor in dt
+        total = c.sum(dims).to(torch.float64)
+        sq = c.square_().sum(dims).to(torch.float64)
+        mean = self.shift.to(total) + total / n
+        self.combine(n, mean, (sq - total * total / n).clamp_min(0))
 
     def update(self, feats: torch.Tensor) -> None:
-        """Add a ``C × M`` float matrix of ``M`` observations (see :func:`channel_matrix`)."""
-        if feats.shape[0] != self.dim:
-            raise ValueError(f"Moments of {self.dim} channels got a feature matrix with {feats.shape[0]} rows")
-        f = feats.to(device=self.sum.device, dtype=torch.float64)
-        self.count += f.shape[1]
-        self.sum += f.sum(1)
-        self.sumsq += (f * f).sum(1)
-        if self.prod is not None:
-            self.prod += f @ f.t()
+        """Add a ``C × M`` matrix of ``M`` observations (see :func:`channel_matrix`), computed in its dtype."""
+        if feats.dim() != 2 or feats.shape[0] != self.dim:
+            raise ValueError(f"Moments of {self.dim} channels got a feature matrix of shape {tuple(feats.shape)}")
+        self.add(feats.t())
 
     def all_reduce(self) -> Moments:
-        """Sum the accumulators over all DDP ranks (no-op outside an initialized process group)."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            tensors = [self.count, self.sum, self.sumsq] + ([self.prod] if self.prod is not None else [])
-            for t in tensors:
-                dist.all_reduce(t)
+        """Combine over all DDP ranks exactly (no-op outside an initialized process group)."""
+        if is_distributed():
+            second: list[tuple[torch.Tensor, int, int | None]] = [(self.m2, 0, None)]
+            if self.comoment is not None:
+                second.append((self.comoment, 0, 0))
+            n, mus, sec = chan_all_reduce(self.count, [self.mu], second)
+            self.count, self.mu, self.m2 = n, mus[0], sec[0]
+            if self.comoment is not None:
+                self.comoment = sec[1]
         return self
 
     @property
     def mean(self) -> torch.Tensor:
-        return self.sum / self.count.clamp_min(1)
+        return self.mu
 
     @property
     def var(self) -> torch.Tensor:
         """Population variance per channel (exact, not a moving average)."""
-        m = self.mean
-        return (self.sumsq / self.count.clamp_min(1) - m * m).clamp_min(0)
+        return self.m2 / self.count.clamp_min(1)
 
     @property
     def std(self) -> torch.Tensor:
@@ -84,10 +241,9 @@ class Moments:
 
     def cov(self) -> torch.Tensor:
         """Full ``C × C`` population covariance (needs ``outer=True``)."""
-        if self.prod is None:
+        if self.comoment is None:
             raise RuntimeError("Moments was created without outer=True; no covariance was accumulated")
-        m = self.mean
-        return self.prod / self.count.clamp_min(1) - torch.outer(m, m)
+        return self.comoment / self.count.clamp_min(1)
 
     def corr(self, eps: float = 1e-7) -> torch.Tensor:
         """Pearson correlation matrix from :meth:`cov`, with ``σσᵀ`` clamped at ``eps``."""
@@ -135,7 +291,7 @@ def model_device(model: nn.Module) -> torch.device:
 def accumulate_moments(model: nn.Module, names: Sequence[str], pre: bool = False) -> Iterator[dict[str, Moments]]:
     """While active, add the outputs (``pre=True``: first inputs) of the named submodules into per-site Moments.
 
-    Activations are read inside the hook, the moment they are produced, so later in-place ops (e.g. a conv
+    Activations are reduced inside the hook, the moment they are produced, so later in-place ops (e.g. a conv
     output overwritten by ``ReLU(inplace=True)``) cannot alter them. Call ``all_reduce`` on the results for DDP.
     """
     modules = dict(model.named_modules())
@@ -149,10 +305,10 @@ def accumulate_moments(model: nn.Module, names: Sequence[str], pre: bool = False
             t = inp[0] if pre else outp
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"site {name!r} produced a {type(t).__name__}, not a tensor")
-            f = channel_matrix(t.detach())
+            t = t.detach()
             if name not in store:
-                store[name] = Moments(f.shape[0], device=f.device)
-            store[name].update(f)
+                store[name] = Moments(t.shape[channel_layout(t)[0]], device=t.device)
+            store[name].add(t)
 
         return hook
 

@@ -1,4 +1,10 @@
-"""Weight matching (Git Re-Basin, method-spec §2): coordinate descent over groups with one LAP per group."""
+"""Weight matching (Git Re-Basin, method-spec §2): coordinate descent over groups with one LAP per group.
+
+A group's cost matrix (in B's original unit order) depends only on the permutations of its neighbours, the
+groups sharing a parameter with it; a group none of whose neighbours changed since it was last solved would
+get the same assignment again, so it is skipped. Cost matrices are built on the models' device, the LAP is
+solved on CPU.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +31,23 @@ def solve_lap(cost: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.asarray(col, dtype=np.int64))
 
 
+def neighbours(spec: PermutationSpec) -> list[set[int]]:
+    """Per group, the groups whose permutations enter its cost matrix: those sharing a parameter with it.
+
+    A group with two axes on one parameter depends on its own permutation too and lists itself.
+    """
+    users: dict[str, list[int]] = {}
+    for gi, g in enumerate(spec.groups):
+        for ax in g.axes:
+            users.setdefault(ax.key, []).append(gi)
+    return [{n for ax in g.axes for n in users[ax.key] if n != gi or users[ax.key].count(gi) > 1}
+            for gi, g in enumerate(spec.groups)]
+
+
+def _device(state: Mapping[str, torch.Tensor], keys: list[str]) -> torch.device:
+    return state[keys[0]].device if keys else torch.device("cpu")
+
+
 def weight_matching(
     spec: PermutationSpec,
     state_a: Mapping[str, torch.Tensor],
@@ -33,20 +56,29 @@ def weight_matching(
     tol: float = 1e-12,
     seed: int = 0,
     init_perms: Perms | None = None,
+    skip_unchanged: bool = True,
 ) -> AlignmentResult:
     """Permutations of B maximising ``Σ_k ⟨θ_A^k, π(θ_B)^k⟩`` over all spec entries (BN running stats included).
 
     Groups are visited in a fresh random order per sweep (seeded); stops after the first sweep without an
-    improvement larger than ``tol`` or after ``max_sweeps``.
+    improvement larger than ``tol`` or after ``max_sweeps``. ``skip_unchanged`` skips groups whose neighbours
+    did not change since they were last solved (same result as solving them; ``False``: plain coordinate
+    descent). Costs are computed on the device of ``state_a``, in float32 products summed in float64.
     """
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     perms = {k: v.clone() for k, v in (init_perms or identity_perms(spec)).items()}
     keys = sorted({ax.key for g in spec.groups for ax in g.axes})
-    a = {k: state_a[k].detach().cpu().float() for k in keys}
+    dev = _device(state_a, keys)
+    a = {k: state_a[k].detach().to(dev, torch.float32) for k in keys}
     # B with every current permutation applied; updated in place per solved group
-    cur_b = permute_state_dict({k: state_b[k].detach().cpu().float() for k in keys}, spec, perms)
+    cur_b = permute_state_dict({k: state_b[k].detach().to(dev, torch.float32) for k in keys}, spec,
+                               {k: v.to(dev) for k, v in perms.items()})
     a_mats = {(ax.key, ax.axis): _mat(a[ax.key], ax, g.size) for g in spec.groups for ax in g.axes}
+    near = neighbours(spec)
+    changed_at = [-1] * len(spec.groups)  # step of each group's last permutation change
+    solved_at = [-2] * len(spec.groups)  # step at which each group was last solved
+    step = 0
 
     def objective() -> float:
         return float(sum(torch.dot(a[k].reshape(-1).double(), cur_b[k].reshape(-1).double()) for k in keys))
@@ -57,24 +89,31 @@ def weight_matching(
         sweeps += 1
         progress = False
         for gi in torch.randperm(len(spec.groups), generator=gen).tolist():
+            step += 1
+            if skip_unchanged and all(changed_at[n] < solved_at[gi] for n in near[gi]):
+                continue
+            solved_at[gi] = step
             g = spec.groups[gi]
-            cost_cur = torch.zeros(g.size, g.size, dtype=torch.float64)
+            cost_cur = torch.zeros(g.size, g.size, dtype=torch.float64, device=dev)
             for ax in g.axes:
                 cost_cur += (a_mats[(ax.key, ax.axis)] @ _mat(cur_b[ax.key], ax, g.size).t()).double()
             old = perms[g.name]
             cost = torch.empty_like(cost_cur)
-            cost[:, old] = cost_cur  # cost[i, j] = <A_i, B_j> in B's original unit order
-            new = solve_lap(cost)
-            old_l = float(cost_cur.diagonal().sum())
-            new_l = float(cost[torch.arange(g.size), new].sum())
+            cost[:, old.to(dev)] = cost_cur  # cost[i, j] = <A_i, B_j> in B's original unit order
+            cost_cpu = cost.cpu()
+            new = solve_lap(cost_cpu)
+            old_l = float(cost_cpu[torch.arange(g.size), old].sum())
+            new_l = float(cost_cpu[torch.arange(g.size), new].sum())
             if new_l > old_l + tol:
                 progress = True
-                rel = invert_perm(old)[new]
+                changed_at[gi] = step
+                rel = invert_perm(old)[new].to(dev)
                 for ax in g.axes:
                     cur_b[ax.key] = cur_b[ax.key].index_select(ax.axis, expand_index(rel, ax.inner))
                 perms[g.name] = new
-        history.append(objective())
-        if not progress:
+        if not progress:  # nothing changed: the objective is the last one
+            history.append(history[-1])
             break
+        history.append(objective())
     return AlignmentResult(method="weight", spec=spec, perms=perms, objective=history[-1], sweeps=sweeps,
                            seconds=time.perf_counter() - t0, history=tuple(history))

@@ -1,0 +1,143 @@
+"""The statistics engine: centred per-batch moments combined in float64 (Chan et al.) stay exact when |mean| ≫ std."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from vf_lightning.align.statistics import CrossMoments
+from vf_lightning.stats import Moments, centre, stream_moments
+
+
+def _shifted(n: int, c: int = 6, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``n × c`` correlated channels with ``|mean| = 1e4·std`` (std 1..3, alternating signs), in ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, c, generator=g, dtype=torch.float64)
+    z = z @ (torch.eye(c, dtype=torch.float64) + 0.5 * torch.randn(c, c, generator=g, dtype=torch.float64))
+    z = (z - z.mean(0)) / z.std(0) * torch.linspace(1, 3, c, dtype=torch.float64)
+    mean = 1e4 * torch.linspace(1, 3, c, dtype=torch.float64) * torch.tensor([1.0, -1.0]).repeat(c // 2)
+    return (z + mean).to(dtype)
+
+
+def _reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float64 two-pass mean, population variance and correlation of ``n × c`` rows."""
+    d = x.double()
+    m = d.mean(0)
+    cen = d - m
+    cov = cen.t() @ cen / d.shape[0]
+    s = cov.diagonal().sqrt()
+    return m, cov.diagonal(), cov / torch.outer(s, s)
+
+
+SIZES = (100, 37, 250, 13, 1, 64)
+
+
+def _batches(x: torch.Tensor) -> list[torch.Tensor]:
+    return list(x.split(list(SIZES)))
+
+
+def test_large_mean_float32_batches_match_the_two_pass_reference() -> None:
+    x = _shifted(sum(SIZES))
+    m_ref, v_ref, r_ref = _reference(x)
+    mom, full = Moments(x.shape[1]), Moments(x.shape[1], outer=True)
+    for b in _batches(x):
+        mom.add(b)
+        full.add(b)
+    for st in (mom, full):
+        assert int(st.count) == x.shape[0]
+        assert torch.allclose(st.mean, m_ref, rtol=1e-12, atol=1e-6)
+        assert ((st.var - v_ref).abs() / v_ref).max() < 1e-6
+    assert ((full.cov().diagonal() - v_ref).abs() / v_ref).max() < 1e-6
+    assert (full.corr() - r_ref).abs().max() < 1e-6
+
+
+def test_one_batch_equals_many_batches_and_update_matches_add() -> None:
+    x = _shifted(sum(SIZES), dtype=torch.float64)
+    one, many, feats = Moments(x.shape[1], outer=True), Moments(x.shape[1], outer=True), Moments(x.shape[1])
+    one.add(x)
+    for b in _batches(x):
+        many.add(b)
+        feats.update(b.t())  # the C × M form
+    for a, b in ((one.mean, many.mean), (one.var, many.var), (one.cov(), many.cov()), (one.var, feats.var)):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-9)
+    m_ref, v_ref, r_ref = _reference(x)
+    assert ((one.var - v_ref).abs() / v_ref).max() < 1e-10
+    assert (one.corr() - r_ref).abs().max() < 1e-10
+
+
+def test_cross_moments_of_large_mean_float32_features() -> None:
+    x = _shifted(sum(SIZES), c=8)
+    xa, xb = x[:, :4], x[:, 4:].flip(1)
+    _, v_ref, r_ref = _reference(torch.cat([xa, xb], 1))
+    cm = CrossMoments(4, 4)
+    for i, n in enumerate(SIZES):
+        s = sum(SIZES[:i])
+        cm.update(xa[s:s + n].t(), xb[s:s + n].t())
+    assert ((torch.cat([cm.a.var, cm.b.var]) - v_ref).abs() / v_ref).max() < 1e-6
+    assert (cm.corr() - r_ref[:4, 4:]).abs().max() < 1e-6
+
+
+def test_conv_activations_in_float32_through_hooks() -> None:
+    """Maps ``N×C×H×W`` (also channels-last) through ``stream_moments``: channels offset by 1e4·std."""
+    g = torch.Generator().manual_seed(1)
+    shift = nn.Conv2d(3, 4, 1)
+    with torch.no_grad():
+        shift.weight.copy_(torch.randn(4, 3, 1, 1, generator=g))
+        assert shift.bias is not None
+        shift.bias.copy_(torch.tensor([1e4, -2e4, 3e4, 5e3]))
+    model = nn.Sequential(shift, nn.ReLU(inplace=True)).eval()  # ReLU overwrites the conv output in place
+    xs = [torch.randn(n, 3, 5, 5, generator=g) for n in (8, 3, 17)]
+    for layout in (torch.contiguous_format, torch.channels_last):
+        loader = [x.contiguous(memory_format=layout) for x in xs]
+        with torch.no_grad():
+            ref = torch.cat([shift(x) for x in loader]).double().transpose(0, 1).reshape(4, -1)
+        v_ref = ref.var(1, correction=0)
+        mom = stream_moments([model], [["0"]], loader)[0]["0"]
+        assert torch.allclose(mom.mean, ref.mean(1), rtol=1e-12)
+        assert ((mom.var - v_ref).abs() / v_ref).max() < 1e-6
+
+
+def test_centred_rows_are_a_copy_in_the_activation_dtype() -> None:
+    x = torch.randn(4, 3, 2, 2)
+    b = centre(x)
+    x.zero_()
+    assert b.rows.dtype == torch.float32 and b.rows.shape == (16, 3)
+    assert b.rows.abs().sum() > 0 and b.total.dtype == torch.float64
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        x = _shifted(sum(SIZES))
+        mine = _batches(x)[rank::world]  # unequal shares: sizes 100, 250, 1 vs 37, 13, 64
+        mom, cm = Moments(x.shape[1], outer=True), CrossMoments(3, 3)
+        for b in mine:
+            mom.add(b)
+            cm.update(b[:, :3].t(), b[:, 3:].t())
+        mom.all_reduce()
+        cm.all_reduce()
+        torch.save({"count": mom.count, "mean": mom.mean, "var": mom.var, "corr": mom.corr(), "cross": cm.corr()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_all_reduce_combines_ranks_exactly_and_identically() -> None:
+    x = _shifted(sum(SIZES))
+    m_ref, v_ref, r_ref = _reference(x)
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    r = ranks[0]
+    assert int(r["count"]) == x.shape[0]
+    assert torch.allclose(r["mean"], m_ref, rtol=1e-12, atol=1e-6)
+    assert ((r["var"] - v_ref).abs() / v_ref).max() < 1e-6
+    assert (r["corr"] - r_ref).abs().max() < 1e-6
+    assert (r["cross"] - r_ref[:3, 3:]).abs().max() < 1e-6

@@ -103,13 +103,15 @@ def networks_of(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, n
 
 
 def session_data(dm: Any, calib_samples: int | None, eval_samples: int | None, batch_size: int,
-                 device: torch.device, hold_out_selection: bool = False) -> SessionData:  # fmt: skip
+                 device: torch.device, hold_out_selection: bool = False,
+                 select_samples: int | None = 2000) -> SessionData:  # fmt: skip
     """This rank's share of the data module's calibration subset and of the first ``eval_samples`` validation
     samples (``None`` = all), each sharded over the ranks (rank r takes samples r, r+W, ...).
 
     With ``hold_out_selection`` (``vf merge`` / ``vf prune``) the evaluation samples are split by parity: odd
     positions are the reported evaluation data, even positions the validation data that chooses variants (the
-    saved merged model, best PFM depth) — selection never sees the data the report's accuracies come from.
+    saved merged model, best PFM depth; at most ``select_samples`` of them) — selection never sees the data the
+    report's accuracies come from.
     """
     if dm is None or not hasattr(dm, "calibration_dataloader"):
         raise RuntimeError("the diagnostic callbacks need a vf_lightning data module (with calibration_dataloader "
@@ -133,7 +135,8 @@ def session_data(dm: Any, calib_samples: int | None, eval_samples: int | None, b
         return SessionData(calib, batches(list(range(n))), None, device)
     if n < 2:
         raise RuntimeError(f"eval_samples={eval_samples} is too small to hold out validation data; use at least 2")
-    return SessionData(calib, batches(list(range(1, n, 2))), batches(list(range(0, n, 2))), device)
+    select = list(range(0, n, 2))[:select_samples]
+    return SessionData(calib, batches(list(range(1, n, 2))), batches(select), device)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -327,6 +330,10 @@ class DiagnosticCallback(Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_fit_end:
             self._run(trainer, pl_module, completed=trainer.current_epoch)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit":  # during training, free this validation's merges before the next epoch
+            _state(trainer).sessions = {}
 
     def _run(self, trainer: L.Trainer, pl_module: L.LightningModule, completed: int) -> None:
         key = (str(trainer.state.fn), completed)

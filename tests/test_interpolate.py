@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from vf_lightning.evaluate import evaluate
 from vf_lightning.io import atomic_torch_save, atomic_write_json
-from vf_lightning.merge import average_models, barrier, interpolate_state, interpolation_curve
+from vf_lightning.merge import average_models, barrier, interpolate_state
 from vf_lightning.models import ModelConfig, build_model
 
 
@@ -62,22 +62,6 @@ def test_barrier_conventions() -> None:
     assert barrier([0.3, 1.3, 0.5], "loss") == pytest.approx(0.9)
     with pytest.raises(ValueError, match="kind"):
         barrier([1, 2], "top5")  # type: ignore[arg-type]
-
-
-def test_interpolation_curve_evaluates_endpoints_as_is_and_normalizes_interior() -> None:
-    a, b = _bn_pair()
-    loader = _loader()
-    seen: list[float] = []
-
-    def norm(model: nn.Module, alpha: float) -> nn.Module:
-        seen.append(alpha)
-        return model
-
-    curve = interpolation_curve(a, b, [0.0, 0.5, 1.0], lambda m: evaluate(m, loader), norm)
-    assert seen == [0.5]
-    assert curve["alphas"] == [0.0, 0.5, 1.0] and len(curve["acc"]) == len(curve["loss"]) == 3
-    assert curve["acc"][0] == evaluate(a, loader)["acc"]
-    assert curve["loss"][2] == pytest.approx(evaluate(b, loader)["loss"])
 
 
 def test_evaluate_returns_fraction_and_mean_loss_and_restores_mode() -> None:

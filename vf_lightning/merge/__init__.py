@@ -8,7 +8,6 @@ from vf_lightning.merge.interpolate import (
     barrier,
     interpolate_models,
     interpolate_state,
-    interpolation_curve,
 )
 from vf_lightning.merge.multitask import MultiTaskResult, TaskData, merge_experts
 from vf_lightning.merge.pfm import (
@@ -47,7 +46,6 @@ __all__ = [
     "build_pfm",
     "interpolate_models",
     "interpolate_state",
-    "interpolation_curve",
     "load_pfm",
     "max_preserved",
     "merge_bodies",

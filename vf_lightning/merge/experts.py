@@ -10,7 +10,6 @@ body and head input axis; the anchor is the midpoint of A and the aligned B.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from vf_lightning.align import ModelGraph, build_permutation_spec, permute_state_dict, weight_matching
+from vf_lightning.align import MATCHERS, ModelGraph, build_permutation_spec, permute_state_dict, weight_matching
 from vf_lightning.checkpoint import load_expert
 from vf_lightning.models import ModelConfig, build_model
 from vf_lightning.statedict import average_states, ensure_biases
@@ -174,16 +173,9 @@ class Alignment:
     groups: int = 0
 
 
-_SOLVED = ("spec", "state_a", "state_b", "init_perms")  # weight_matching's inputs, not options
-
-
 def check_align_options(options: Mapping[str, Any] | None) -> None:
-    """Fail naming the first option that weight matching does not take (its options: max_sweeps, tol, seed)."""
-    accepted = [p for p in inspect.signature(weight_matching).parameters if p not in _SOLVED]
-    for key in options or {}:
-        if key not in accepted:
-            raise ValueError(f"align_options: weight matching has no option {key!r}; its options are: "
-                             f"{', '.join(accepted)}")
+    """Fail naming the first option that weight matching does not take (the registered matcher's options)."""
+    MATCHERS.check_options("weight", dict(options or {}), "align_options")
 
 
 def _headless(expert: Expert) -> StateDict:

@@ -6,7 +6,7 @@ The state-dict arithmetic lives in :mod:`vf_lightning.statedict`; its names are 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 from torch import nn
@@ -20,7 +20,6 @@ __all__ = [
     "barrier",
     "interpolate_models",
     "interpolate_state",
-    "interpolation_curve",
 ]
 
 
@@ -29,28 +28,6 @@ def interpolate_models(model_a: nn.Module, model_b: nn.Module, alpha: float) -> 
     out = copy.deepcopy(model_a)
     out.load_state_dict(interpolate_state(model_a.state_dict(), model_b.state_dict(), alpha))
     return out
-
-
-def interpolation_curve(
-    model_a: nn.Module,
-    model_b_aligned: nn.Module,
-    alphas: Sequence[float],
-    evaluate_fn: Callable[[nn.Module], Mapping[str, float]],
-    normalize_fn: Callable[[nn.Module, float], nn.Module] | None = None,
-) -> dict[str, list[float]]:
-    """Evaluate ``θ_α`` for each α; ``{"alphas": [...], <metric>: [...]}`` for every metric ``evaluate_fn`` returns.
-
-    Endpoints (α=0 and α=1) are evaluated as they are; interior points are passed through
-    ``normalize_fn(model, alpha)`` first when given (e.g. REPAIR with goals interpolated at the same α).
-    """
-    curve: dict[str, list[float]] = {"alphas": [float(a) for a in alphas]}
-    for alpha in curve["alphas"]:
-        model = interpolate_models(model_a, model_b_aligned, alpha)
-        if normalize_fn is not None and 0.0 < alpha < 1.0:
-            model = normalize_fn(model, alpha)
-        for key, value in evaluate_fn(model).items():
-            curve.setdefault(key, []).append(float(value))
-    return curve
 
 
 def barrier(values: Sequence[float], kind: Literal["acc", "loss"] = "acc") -> float:

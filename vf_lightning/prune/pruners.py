@@ -166,8 +166,9 @@ def prune_model(
     modules = prunable_modules(out, include, exclude)
     if not modules:
         raise ValueError(f"no layers selected for pruning in {type(out).__name__}")
-    channels_last = any(m.weight.dim() == 4 and not m.weight.is_contiguous()
-                        and m.weight.is_contiguous(memory_format=torch.channels_last) for _, m in modules)  # fmt: skip
+    weights = [w for _, m in modules if isinstance(w := m.weight, torch.Tensor) and w.dim() == 4]
+    channels_last = any(not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+                        for w in weights)  # fmt: skip
     if channels_last:  # torch.nn.utils.prune flattens weights with view(): prune in the contiguous layout
         out.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     fn(out, modules, sparsity, loader, **options)

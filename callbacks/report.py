@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+import shutil
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +23,19 @@ from vf_lightning.diagnostics import (
     plot_vf_profiles,
 )
 from vf_lightning.diagnostics.plots import plot_multitask_accuracy  # multi-task merge plot
-from vf_lightning.io import atomic_write_json
+from vf_lightning.io import atomic_write_json, check_writable, clean_stale, publish_dir, staging_dir
 from vf_lightning.merge.pfm import PFMModel, save_pfm
 
 from .base import RunReport, run_report, session_timing, table, wandb_run
 
 CHECKPOINT_FILES = {"merged": "merged.pt", "merged_pfm": "merged_pfm.pt", "pruned": "pruned.pt"}
+PLOT_FILES = ("lmc.png", "variance_ratio.png", "vf.png", "accuracy.png", "normalized_acc.png")
+
+
+def owned_by_writer(name: str) -> bool:
+    """Whether a top-level entry of ``out_dir`` belongs to the set ReportWriter writes (replaced as a whole);
+    other entries (configs, logs, the user's files) are kept across runs."""
+    return name == "report.json" or name in PLOT_FILES or name in CHECKPOINT_FILES.values()
 
 
 def jsonable(obj: Any) -> Any:
@@ -102,6 +110,10 @@ class ReportWriter(Callback):
     The saved models are chosen on the held-out validation half, never on the test data the reported accuracies
     come from: ``merged.pt`` (best full merge), ``merged_pfm.pt`` (best PFM system), ``pruned.pt`` (best variant
     at the highest sparsity). Only rank 0 writes; every rank has computed the same report.
+
+    The set is all-or-nothing: it is written into ``<out_dir>.tmp-<pid>`` and published with renames (see
+    :func:`vf_lightning.io.publish_dir`); other files in ``out_dir`` are kept. ``out_dir`` is checked for
+    writability at ``setup``, before any work.
     """
 
     def __init__(self, out_dir: str = "outputs/merge", save_model: bool = True, plots: bool = True,
@@ -138,53 +150,77 @@ class ReportWriter(Callback):
         report["timing"] = dict(rep.timing)
         return jsonable(report)
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        check_writable(self.out_dir)  # before any work (the CLI checks earlier still)
+
     def write(self, report: dict[str, Any], rep: RunReport, pl_module: L.LightningModule) -> None:
+        """Write the set (plots, checkpoints, report.json) into a staging directory next to ``out_dir``, then
+        publish it with renames: a failure or kill leaves the old set or the new one, never a mix."""
         out = Path(self.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        if out.is_symlink():
+            out = out.resolve()
+        clean_stale(out, owned_by_writer)
+        stage = staging_dir(out)
+        stage.mkdir(parents=True)
+        try:
+            self._write_set(report, rep, pl_module, stage, Path(self.out_dir))
+            publish_dir(stage, out, owned_by_writer)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+
+    def _write_set(self, report: dict[str, Any], rep: RunReport, pl_module: L.LightningModule, stage: Path,
+                   out: Path) -> None:  # fmt: skip
+        """Every file of the set into ``stage``; the paths recorded in the report are those under ``out``."""
         plots: dict[str, str] = {}
+
+        def plot(key: str, name: str, draw: Callable[[Path], Any]) -> None:
+            draw(stage / name)
+            plots[key] = str(out / name)
+
         if self.plots:
             lmc = report["lmc"]
             if lmc["curves"]:
-                plots["interpolation"] = str(plot_interpolation_curves(lmc["alphas"], lmc["curves"], out / "lmc.png"))
+                plot("interpolation", "lmc.png", lambda p: plot_interpolation_curves(lmc["alphas"], lmc["curves"], p))
             vr = report["variance_ratio"]
             if vr["curves"]:
                 curves = vr["curves"]
                 if any("sparsity" in r for r in report["results"]):  # pruning: the highest sparsity only
                     top = max(r["sparsity"] for r in report["results"])
                     curves = {k: v for k, v in curves.items() if f"/{top:g}/" in k}
-                plots["variance_ratio"] = str(plot_variance_ratios(vr["layers"], curves, out / "variance_ratio.png"))
+                plot("variance_ratio", "variance_ratio.png", lambda p: plot_variance_ratios(vr["layers"], curves, p))
             if report.get("vanishing_feature", {}).get("curves"):
-                plots["vanishing_feature"] = str(plot_vf_profiles(report["vanishing_feature"]["curves"],
-                                                                  out / "vf.png"))  # fmt: skip
+                plot("vanishing_feature", "vf.png",
+                     lambda p: plot_vf_profiles(report["vanishing_feature"]["curves"], p))  # fmt: skip
             prune_rows = [r for r in report["results"] if "sparsity" in r]
             if prune_rows:
                 sparsities = sorted({r["sparsity"] for r in prune_rows})
                 acc: dict[str, list[float]] = {}
                 for r in prune_rows:
                     acc.setdefault(f"{r['pruner']}/{r['normalization']}", []).append(r["acc"])
-                plots["accuracy"] = str(plot_layer_curves(acc, out / "accuracy.png", "test accuracy",
-                                                          "Accuracy vs sparsity", [str(s) for s in sparsities]))
+                plot("accuracy", "accuracy.png", lambda p: plot_layer_curves(
+                    acc, p, "test accuracy", "Accuracy vs sparsity", [str(s) for s in sparsities]))  # fmt: skip
             # -- multi-task merge (TaskMergeCallback rows carry `task`): normalized accuracy per method × correction
             task_rows = [r for r in report["results"] if "task" in r]
             if task_rows:
-                plots["multitask_accuracy"] = str(plot_multitask_accuracy(task_rows, out / "normalized_acc.png"))
+                plot("multitask_accuracy", "normalized_acc.png", lambda p: plot_multitask_accuracy(task_rows, p))
             # -- end multi-task
         report["plots"] = plots
         config = getattr(pl_module, "model_config", None)
         saves = []
         if self.save_model and config is not None:
             for kind, cand in rep.candidates.items():
-                path = out / CHECKPOINT_FILES.get(kind, f"{kind}.pt")
+                name = CHECKPOINT_FILES.get(kind, f"{kind}.pt")
                 meta = {"variant": cand.variant, **jsonable(cand.meta)}
-                saves.append((cand.model, path, meta))
-                report[f"{kind}_checkpoint"] = {"path": str(path), **meta}
+                saves.append((cand.model, stage / name, meta))
+                report[f"{kind}_checkpoint"] = {"path": str(out / name), **meta}
         json.dumps(report, allow_nan=False)  # strict JSON, or fail before any checkpoint is written
         for model, path, meta in saves:
             if isinstance(model, PFMModel):
                 save_pfm(model, path, config, meta=meta)  # type: ignore[arg-type]
             else:
                 save_model_checkpoint(model, config, path, meta=meta)  # type: ignore[arg-type]
-        atomic_write_json(report, out / "report.json")
+        atomic_write_json(report, stage / "report.json")
 
     def log_report(self, trainer: L.Trainer, report: Mapping[str, Any]) -> None:
         """Headline scalars to every logger; the results table and the plots to W&B."""

@@ -2,11 +2,14 @@
 
 A model checkpoint is a dict ``{"format": "vf-model", "version": 1, "model_config": {...},
 "state_dict": {...}, "meta": {...}}`` written atomically; everything is loaded with
-``weights_only=True``.
+``weights_only=True``, after the CRCs of the file's zip records are verified, and weights holding NaN / inf
+are refused.
 """
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -39,22 +42,62 @@ def save_model_checkpoint(
     return atomic_torch_save(payload, path)
 
 
+def verify_archive(path: str | Path) -> None:
+    """Check the CRC of every record of a zip-format checkpoint (``torch.save`` writes zip archives).
+
+    ``torch.load`` does not check them, so flipped bytes in the tensor data would load as wrong weights.
+    Files that are not zip archives (legacy format) are left to ``torch.load``.
+    """
+    p = Path(path)
+    if not zipfile.is_zipfile(p):
+        return
+    try:
+        with zipfile.ZipFile(p) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {str(p)!r} is damaged ({e}); re-export or re-train it") from e
+    if bad is not None:
+        raise CheckpointError(f"checkpoint {str(p)!r} is damaged: CRC mismatch in record {bad!r} (its bytes changed "
+                              "after it was written); re-export or re-train it")  # fmt: skip
+
+
+def check_finite(state: dict[str, Any], where: str) -> None:
+    """Refuse weights or buffers holding NaN or inf, naming the checkpoint and the first such tensor."""
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and not bool(t.isfinite().all()):
+            nan, inf = int(t.isnan().sum()), int(t.isinf().sum())
+            raise CheckpointError(f"{where}: tensor {name!r} holds non-finite values ({nan} NaN, {inf} inf); the "
+                                  "training diverged or the file is damaged: use another checkpoint")  # fmt: skip
+
+
+def _reason(e: Exception) -> str:
+    """One line on why ``torch.load`` failed (a refused pickle says which global it wanted to run)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):
+        what = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), "")
+        return (f"it holds objects other than tensors and plain data, refused without running them (weights_only) "
+                f"— it may be malicious; use checkpoints written by vf-lightning ({what.rstrip('.')})")
+    return lines[0] if lines else type(e).__name__
+
+
 def _read(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint {str(p)!r} does not exist (train it first, e.g. with `vf fit`)")
+    verify_archive(p)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors come in many types
-        raise CheckpointError(f"cannot read checkpoint {str(p)!r}: {e}") from e
+        raise CheckpointError(f"cannot read checkpoint {str(p)!r}: {_reason(e)}") from e
     if not isinstance(obj, dict):
         raise CheckpointError(f"{str(p)!r} is not a vf-lightning checkpoint (got {type(obj).__name__})")
     return obj
 
 
 def model_from_state(config: ModelConfig | dict[str, Any], state: dict[str, torch.Tensor], where: str) -> nn.Module:
-    """Build the architecture and load ``state`` strictly, naming what does not fit."""
+    """Build the architecture and load ``state`` strictly, naming what does not fit (or is not finite)."""
     cfg = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
+    check_finite(state, where)
     model = build_model(cfg)
     ensure_biases(model, state)  # repaired models may carry extra conv biases
     result = model.load_state_dict(state, strict=False)

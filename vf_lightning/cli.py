@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
+import torch
 from jsonargparse import Namespace, lazy_instance
 from lightning.pytorch.cli import LightningCLI
 
@@ -30,6 +31,7 @@ from vf_lightning.callbacks import (
 )
 from vf_lightning.checkpoint import CheckpointError
 from vf_lightning.data import DataNotFoundError, FashionMNISTDataModule, VisionDataModule
+from vf_lightning.io import check_writable
 from vf_lightning.lit import CheckpointModule, MergeModule
 from vf_lightning.merge.session import SessionError
 
@@ -90,6 +92,78 @@ def _class(path: str) -> type | None:
         return None
 
 
+def cause_line(message: str) -> str:
+    """The first line of the real cause in a jsonargparse error (``Errors:\n  - <cause>`` of a Union), else the
+    message's first line."""
+    lines = message.splitlines()
+    if "Errors:" in lines:
+        for line in lines[lines.index("Errors:") + 1 :]:
+            if not line.startswith("  - "):
+                break
+            if not line.startswith("  - Expected a <class 'NoneType'>"):
+                return line[4:]
+    return lines[0] if lines else message
+
+
+def _fix_hint(expects: tuple[int, int, int], gives: tuple[int, int, int], datamodule: Any) -> str:
+    """What to change so that data of shape ``gives`` (channels, size, classes) fits a model expecting ``expects``."""
+    hints = []
+    if expects[0] != gives[0]:
+        hints.append(f"use a data module of {expects[0]}-channel images (1: FashionMNISTDataModule / MNISTDataModule, "
+                     f"3: CIFAR10DataModule / CIFAR100DataModule) or checkpoints of a {gives[0]}-channel model")
+    if expects[1] != gives[1]:
+        pad = getattr(datamodule, "pad_to_32", None)
+        if pad is False and expects[1] == 32:
+            hints.append("set data.init_args.pad_to_32: true")
+        elif pad is True and expects[1] != 32:
+            hints.append(f"set data.init_args.pad_to_32: false (or use a data module of {expects[1]}×{expects[1]} "
+                         "images)")
+        else:
+            hints.append(f"use a data module of {expects[1]}×{expects[1]} images")
+    if expects[2] != gives[2]:
+        hints.append(f"set data.init_args.classes to the model's {expects[2]} classes, or use checkpoints with a "
+                     f"{gives[2]}-way head")
+    return "; ".join(hints)
+
+
+def check_data_fits(module: Any, datamodule: Any) -> None:
+    """Run one calibration batch of ``datamodule`` through the module's first network; a mismatch of channels,
+    image size or (for :class:`MergeModule`) class count raises a one-line ``ValueError`` saying what to change."""
+    nets = module.networks() if isinstance(module, CheckpointModule) else {}
+    cfg = getattr(module, "model_config", None)
+    if not nets or cfg is None or not hasattr(datamodule, "calibration_dataloader"):
+        return
+    name, net = next(iter(nets.items()))
+    x, _ = next(iter(datamodule.calibration_dataloader(num_samples=2, batch_size=2, shard=False)))
+    classes = int(getattr(datamodule, "out_classes", cfg.num_classes))
+    check_classes = isinstance(module, MergeModule)  # task experts have heads of their own tasks' size
+    size = int(x.shape[-1]) if x.shape[-1] == x.shape[-2] else -1
+    expects = (cfg.in_channels, cfg.image_size, cfg.num_classes if check_classes else classes)
+    gives = (int(x.shape[1]), size, classes)
+    if expects == gives:
+        training = net.training
+        net.eval()  # no BatchNorm statistics are updated by the check
+        try:
+            with torch.no_grad():
+                out = net(x.to(next(net.parameters()).device))
+        except RuntimeError as e:
+            raise ValueError(f"network {name!r} cannot process a batch of the data module (shape {tuple(x.shape)}): "
+                             f"{str(e).splitlines()[0]}") from e  # fmt: skip
+        finally:
+            net.train(training)
+        if not check_classes or out.shape[-1] == classes:
+            return
+        expects = (cfg.in_channels, cfg.image_size, int(out.shape[-1]))
+
+    def text(v: tuple[int, int, int], model: bool) -> str:
+        hw = f"{v[1]}×{v[1]}" if v[1] > 0 else "×".join(str(d) for d in x.shape[-2:])
+        ch = f"{v[0]} input channel{'s' if v[0] != 1 else ''}" if model else f"{v[0]} channel{'s' if v[0] != 1 else ''}"
+        return f"{ch} / {hw}{' images' if model else ''} / {v[2]} classes"
+
+    raise ValueError(f"model expects {text(expects, True)} but the data module gives {text(gives, False)}: "
+                     f"{_fix_hint(expects, gives, datamodule)}")
+
+
 class CheckpointCLI(VFLightningCLI):
     """LightningCLI of ``vf merge`` / ``vf prune``: a checkpoint-loading module, a data module, the callbacks, one
     ``validate`` run. Shortcut flags are copied into the module / callbacks that accept them."""
@@ -108,11 +182,15 @@ class CheckpointCLI(VFLightningCLI):
         finally:
             sys.argv = argv
         callbacks = list(self.trainer.callbacks)  # type: ignore[attr-defined]
-        try:  # every callback checks the module before any data work
+        try:  # before any work: the outputs can be written, every callback accepts the module, the data fits it
+            for cb in callbacks:
+                if isinstance(cb, ReportWriter):
+                    check_writable(cb.out_dir, "out_dir")
             for cb in callbacks:
                 if isinstance(cb, DiagnosticCallback):
                     cb.check_module(self.model)
-        except (ValueError, TypeError) as e:
+            check_data_fits(self.model, self.datamodule)
+        except (ValueError, TypeError, DataNotFoundError) as e:
             print(f"vf {self.command}: error: {e}", file=sys.stderr)
             raise SystemExit(2) from e
         writer = next((c for c in callbacks if isinstance(c, ReportWriter)), None)
@@ -140,6 +218,13 @@ class CheckpointCLI(VFLightningCLI):
                               "enable_progress_bar": False,
                               "default_root_dir": f"outputs/{self.command}"},  # fmt: skip
         )
+
+    def instantiate_classes(self) -> None:
+        """As :class:`VFLightningCLI`, but the error is the one line of the cause (not jsonargparse's Union dump)."""
+        try:
+            LightningCLI.instantiate_classes(self)
+        except STARTUP_ERRORS as e:
+            self._parser(self.subcommand).error(f"invalid configuration: {cause_line(str(e))}")
 
     @classmethod
     def description(cls) -> str:

@@ -186,7 +186,7 @@ class _IdxDataModule(VisionDataModule):
 
     def load_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         split = "train" if train else "test"
-        dirs = candidate_dirs(self.name, self.data_dir, self.subdirs)
+        dirs = candidate_dirs(self.name, self.data_dir, self.subdirs, must_exist=not self.download)
         for d in dirs:
             found = find_idx_split(d, split)
             if found is not None:
@@ -239,7 +239,7 @@ class _CifarDataModule(VisionDataModule):
     def load_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         import torchvision
 
-        dirs = candidate_dirs(self.name, self.data_dir, ["cifar", "CIFAR"])
+        dirs = candidate_dirs(self.name, self.data_dir, ["cifar", "CIFAR"], must_exist=not self.download)
         cls = getattr(torchvision.datasets, self.tv_class)
         for d in dirs:
             if (d / self.folder).is_dir():

@@ -36,8 +36,26 @@ class DataNotFoundError(FileNotFoundError):
         super().__init__(msg)
 
 
-def candidate_dirs(dataset: str, data_dir: str | os.PathLike[str] | None, subdirs: list[str]) -> list[Path]:
-    """Search order: ``data_dir`` (and sub-folders), ``$VF_DATA_DIR`` (and sub-folders), system locations."""
+class DataDirError(DataNotFoundError):
+    """An explicitly given ``data_dir`` does not exist (it is refused, not replaced by another copy)."""
+
+    def __init__(self, dataset: str, data_dir: str | os.PathLike[str]) -> None:
+        others = [os.environ.get("VF_DATA_DIR") or "", *SYSTEM_DIRS.get(dataset, [])]
+        FileNotFoundError.__init__(
+            self, f"data_dir {str(data_dir)!r} of dataset {dataset!r} does not exist or is not a directory (the "
+            f"other locations {[o for o in others if o]} are not used in its place): fix the path, or drop "
+            f"data_dir to search $VF_DATA_DIR and the system locations; {HINTS.get(dataset, '')}")
+
+
+def candidate_dirs(dataset: str, data_dir: str | os.PathLike[str] | None, subdirs: list[str],
+                   must_exist: bool = True) -> list[Path]:  # fmt: skip
+    """Search order: ``data_dir`` (and sub-folders), ``$VF_DATA_DIR`` (and sub-folders), system locations.
+
+    A ``data_dir`` that is not a directory raises :class:`DataDirError` (unless ``must_exist`` is False: a
+    download target), rather than silently falling back to another copy of the data.
+    """
+    if data_dir and must_exist and not Path(data_dir).expanduser().is_dir():
+        raise DataDirError(dataset, data_dir)
     roots: list[Path] = []
     for base in (data_dir, os.environ.get("VF_DATA_DIR")):
         if base:

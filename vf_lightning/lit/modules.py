@@ -11,6 +11,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from vf_lightning.checkpoint import save_model_checkpoint
+from vf_lightning.io import check_writable
 from vf_lightning.lit.base import BaseModule, as_config, build_seeded
 from vf_lightning.lit.optim import OptimConfig, ScheduleConfig
 from vf_lightning.models import ModelConfig
@@ -143,6 +144,8 @@ class PairModule(BaseModule):
         return {"a": self.net_a, "b": self.net_b}
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.export_dir:
+            check_writable(self.export_dir, "model.init_args.export_dir")  # now, not after the whole training run
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and hasattr(dm, "pair_streams"):
             dm.pair_streams = True  # ask for two independent training orders

@@ -1,0 +1,393 @@
+"""Bad inputs and faults (issue 14, docs/RELIABILITY.md): damaged and non-finite checkpoints, strict report.json,
+all-or-nothing outputs, writability and model ↔ data checks before any work, a missing data_dir, the umask."""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from torch import nn
+from vf_lightning.callbacks import ReportWriter
+from vf_lightning.callbacks import report as report_module
+from vf_lightning.callbacks.base import RunReport
+
+from vf_lightning import io as vio
+from vf_lightning.checkpoint import CheckpointError, load_model_checkpoint, load_networks, save_model_checkpoint
+from vf_lightning.cli import main
+from vf_lightning.data import FashionMNISTDataModule, VisionDataModule
+from vf_lightning.data.sources import DataDirError
+from vf_lightning.io import OutputError, atomic_write_bytes, check_writable, clean_stale, publish_dir, staging_dir
+from vf_lightning.lit import PairModule
+from vf_lightning.models import ModelConfig, build_model
+
+CFG = ModelConfig(arch="vgg11", norm="bn", width=0.125, in_channels=1)
+DATA = ["--data.calib_samples", "64", "--data.val_subset", "500", "--data.eval_batch_size", "250",
+        "--data.num_workers", "0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two 1-channel 32×32 VGG11s (a, b) and a 3-channel one (rgb)."""
+    d = tmp_path_factory.mktemp("rel")
+    torch.manual_seed(0)
+    paths = {"a": d / "a.pt", "b": d / "b.pt", "rgb": d / "rgb.pt"}
+    save_model_checkpoint(build_model(CFG), CFG, paths["a"])
+    save_model_checkpoint(build_model(CFG), CFG, paths["b"])
+    rgb = ModelConfig(arch="vgg11", norm="bn", width=0.125, in_channels=3)
+    save_model_checkpoint(build_model(rgb), rgb, paths["rgb"])
+    return paths
+
+
+def _merge_config(tmp_path: Path, checkpoints: list[Path], out: Path, alpha: float = 0.5) -> Path:
+    """A small `vf merge` run: one full merge (identity matching, no normalization) and the ReportWriter."""
+    cb = "vf_lightning.callbacks."
+    cfg = {
+        "trainer": {"accelerator": "cpu", "callbacks": [
+            {"class_path": cb + "MergeCallback", "init_args": {
+                "matchings": ["identity"], "normalizations": ["none"], "alpha": alpha, "ensemble": False,
+                "calib_samples": None, "eval_samples": None, "batch_size": 250}},
+            {"class_path": cb + "ReportWriter", "init_args": {"out_dir": str(out)}},
+        ]},
+        "model": {"class_path": "vf_lightning.lit.MergeModule",
+                  "init_args": {"checkpoints": [str(p) for p in checkpoints]}},
+    }  # fmt: skip
+    path = tmp_path / f"merge-{alpha}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _fails_in_one_line(args: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> str:
+    """Run ``vf ARGS``; it must exit 2 with exactly one ``error:`` line containing every needle and no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _corrupt_tensor_bytes(path: Path) -> None:
+    """Flip bytes inside the first tensor-data record of a zip checkpoint (the zip CRC no longer matches)."""
+    with zipfile.ZipFile(path) as zf:
+        info = next(i for i in zf.infolist() if "/data/" in i.filename and i.file_size >= 64)
+    raw = bytearray(path.read_bytes())
+    header = info.header_offset
+    name_len = int.from_bytes(raw[header + 26 : header + 28], "little")
+    extra_len = int.from_bytes(raw[header + 28 : header + 30], "little")
+    start = header + 30 + name_len + extra_len
+    for i in range(start + 8, start + 40):
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. damaged checkpoints
+
+
+def test_checkpoint_with_corrupted_tensor_bytes_is_refused_naming_the_file(
+    ckpts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(ckpts["a"].read_bytes())
+    _corrupt_tensor_bytes(bad)
+    with pytest.raises(CheckpointError, match="CRC mismatch") as err:
+        load_model_checkpoint(bad)
+    assert str(bad) in str(err.value) and "\n" not in str(err.value)
+    _fails_in_one_line(["merge", "--checkpoints", json.dumps([str(bad), str(ckpts["b"])]),
+                        "--out_dir", str(tmp_path / "out")], capsys, str(bad), "CRC")  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_checkpoint_is_refused_naming_the_file(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(ckpts["a"].read_bytes()[:-4096])
+    with pytest.raises(CheckpointError, match="cut.pt"):
+        load_model_checkpoint(cut)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. non-finite weights; strict report.json
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_checkpoint_and_tensor(
+    value: float, tmp_path: Path, ckpts: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = build_model(CFG)
+    name = next(k for k, v in model.state_dict().items() if v.is_floating_point() and k.endswith("weight"))
+    with torch.no_grad():
+        model.state_dict()[name].view(-1)[0] = value
+    path = tmp_path / "diverged.pt"
+    save_model_checkpoint(model, CFG, path)
+    with pytest.raises(CheckpointError) as err:
+        load_networks([str(ckpts["a"]), str(path)])
+    assert str(path) in str(err.value) and repr(name) in str(err.value)
+    _fails_in_one_line(["merge", "--checkpoints", json.dumps([str(ckpts["a"]), str(path)]),
+                        "--out_dir", str(tmp_path / "out")], capsys, str(path), name)  # fmt: skip
+
+
+def test_report_json_is_strict_json_when_numbers_are_not_finite(tmp_path: Path) -> None:
+    rep = RunReport()
+    rep.sections["endpoints"] = {"a": {"acc": 0.5, "loss": float("nan")}, "b": {"acc": 0.5, "loss": float("inf")}}
+    rep.rows.append({"matching": "identity", "normalization": "none", "acc": float("nan"),
+                     "loss": torch.tensor(float("-inf")).item(), "curve": torch.tensor([1.0, float("nan")])})
+    writer = ReportWriter(out_dir=str(tmp_path / "out"), save_model=False, plots=False, summary=False)
+    report = writer.build(rep)
+    writer.write(report, rep, L.LightningModule())
+
+    def refuse(token: str) -> Any:
+        raise AssertionError(f"report.json holds {token}")
+
+    loaded = json.loads((tmp_path / "out" / "report.json").read_text(), parse_constant=refuse)
+    assert loaded["endpoints"]["a"]["loss"] is None and loaded["results"][0]["curve"] == [1.0, None]
+    with pytest.raises(ValueError):
+        vio.atomic_write_json({"x": float("nan")}, tmp_path / "nan.json")
+    assert not (tmp_path / "nan.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. the output set is all-or-nothing
+
+
+def test_failed_write_phase_leaves_the_old_set_and_no_leftovers(
+    ckpts: dict[str, Path], tmp_path: Path, fmnist: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+    main(["merge", "--config", str(_merge_config(tmp_path, [ckpts["a"], ckpts["b"]], out, alpha=0.5)), *DATA])
+    (out / "notes.txt").write_text("mine")  # not part of the set: kept across runs
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"report.json", "merged.pt"} <= set(old)
+    assert json.loads(old["report.json"])["merged_checkpoint"]["path"] == str(out / "merged.pt")
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report_module, "save_model_checkpoint", fail)
+    with pytest.raises(OSError, match="No space left"):
+        main(["merge", "--config", str(_merge_config(tmp_path, [ckpts["a"], ckpts["b"]], out, alpha=0.3)), *DATA])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == ["out"]
+    assert not list(out.glob(".*"))
+
+
+def test_publish_replaces_the_set_keeps_other_files_and_cleans_killed_runs(tmp_path: Path) -> None:
+    owned = report_module.owned_by_writer
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("old")
+    (out / "lmc.png").write_text("old plot")  # of the old set only: must not sit beside the new report
+    (out / "config.yaml").write_text("config")
+    (out / "logs").mkdir()
+    (out / "logs" / "metrics.csv").write_text("m")
+    (out / ".report.json.x1.tmp").write_text("half")  # an interrupted atomic write
+    dead = tmp_path / "out.tmp-999999999"  # the staging directory of a killed run
+    dead.mkdir()
+    (dead / "report.json").write_text("killed")
+    clean_stale(out, owned)
+    assert not dead.exists() and not (out / ".report.json.x1.tmp").exists()
+    stage = staging_dir(out)
+    stage.mkdir()
+    (stage / "report.json").write_text("new")
+    (stage / "merged.pt").write_text("new model")
+    publish_dir(stage, out, owned)
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "logs", "merged.pt", "report.json"]
+    assert (out / "report.json").read_text() == "new" and (out / "logs" / "metrics.csv").read_text() == "m"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    # killed between the two renames: the old directory waits as out.old-<pid> and comes back
+    os.rename(out, tmp_path / "out.old-999999999")
+    clean_stale(out, owned)
+    assert (out / "report.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. outputs are checked before any work
+
+
+@pytest.fixture
+def no_data_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    def touched(self: Any, stage: str | None = None) -> None:
+        raise AssertionError("the data was loaded before the output check")
+
+    monkeypatch.setattr(VisionDataModule, "setup", touched)
+
+
+def test_unusable_out_dir_fails_in_one_line_before_any_work(
+    ckpts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], no_data_work: None
+) -> None:
+    (tmp_path / "file").write_text("x")
+    pair = ["--checkpoints", json.dumps([str(ckpts["a"]), str(ckpts["b"])])]
+    _fails_in_one_line(["merge", *pair, "--out_dir", str(tmp_path / "file")], capsys, "is a file")
+    _fails_in_one_line(["merge", *pair, "--out_dir", str(tmp_path / "file" / "sub")], capsys, "lies under the file")
+    _fails_in_one_line(["prune", "--checkpoint", str(ckpts["a"]), "--out_dir", str(tmp_path / "file")], capsys,
+                       "is a file")  # fmt: skip
+
+
+def test_unwritable_out_dir_fails_in_one_line(
+    ckpts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    no_data_work: None,
+) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = vio.tempfile.mkstemp
+
+    def mkstemp(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        if Path(kwargs.get("dir") or "") == locked:
+            raise PermissionError(13, "Permission denied")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vio.tempfile, "mkstemp", mkstemp)  # the probe fails as on a read-only or foreign folder
+    pair = ["--checkpoints", json.dumps([str(ckpts["a"]), str(ckpts["b"])])]
+    _fails_in_one_line(["merge", *pair, "--out_dir", str(locked / "out")], capsys, "not writable", "Permission")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_folder_is_not_writable(tmp_path: Path) -> None:
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(OutputError, match="not writable"):
+            check_writable(ro / "out")
+    finally:
+        ro.chmod(0o755)
+
+
+def test_pair_export_dir_that_is_a_file_fails_at_the_start_of_fit(tmp_path: Path, fmnist: Path) -> None:
+    (tmp_path / "exports").write_text("x")
+    module = PairModule(net=CFG, export_dir=str(tmp_path / "exports"))
+    steps: list[int] = []
+    module.training_step = lambda batch, i: steps.append(i)  # type: ignore[method-assign, assignment, return-value]
+    dm = FashionMNISTDataModule(num_workers=0, train_subset=64, val_subset=64, calib_samples=16, batch_size=32,
+                                pad_to_32=True)  # fmt: skip
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    with pytest.raises(OutputError, match="export_dir .* is a file"):
+        trainer.fit(module, datamodule=dm)
+    assert steps == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. model ↔ data compatibility, with one batch before the work
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "needles"),
+    [
+        ("a", ["--data.pad_to_32", "false"], ["32×32 images", "28×28", "pad_to_32: true"]),
+        ("a", ["--data.classes", "[0, 1, 2]"], ["10 classes", "3 classes", "data.init_args.classes"]),
+        ("rgb", [], ["3 input channels", "1 channel", "3-channel images"]),
+    ],
+)
+def test_model_and_data_that_do_not_fit_fail_in_one_line_saying_what_to_change(
+    model: str, data: list[str], needles: list[str], ckpts: dict[str, Path], tmp_path: Path, fmnist: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    other = ckpts[model]
+    args = ["merge", "--checkpoints", json.dumps([str(ckpts[model]), str(other)]), "--out_dir", str(tmp_path / "o"),
+            *DATA, *data]  # fmt: skip
+    line = _fails_in_one_line(args, capsys, "model expects", "but the data module gives", *needles)
+    assert "Traceback" not in line
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. a data_dir that does not exist is refused
+
+
+def test_missing_data_dir_is_refused_not_replaced_by_the_system_copy(
+    tmp_path: Path, fmnist: Path, ckpts: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "no-such-dir"
+    with pytest.raises(DataDirError, match="does not exist"):
+        FashionMNISTDataModule(data_dir=str(missing), num_workers=0).setup("fit")
+    _fails_in_one_line(["merge", "--checkpoints", json.dumps([str(ckpts["a"]), str(ckpts["b"])]),
+                        "--out_dir", str(tmp_path / "o"), "--data.data_dir", str(missing), *DATA], capsys,
+                       str(missing), "does not exist")  # fmt: skip
+    FashionMNISTDataModule(data_dir=str(fmnist), num_workers=0, val_subset=8, train_subset=8).setup("fit")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# inputs that were already refused in one line before any work (kept true here)
+
+
+class _RunsCode:
+    """A pickle that runs a shell command when unpickled without ``weights_only``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("where", ["state_dict", "top"])
+def test_malicious_pickle_is_refused_without_running_it(
+    where: str, tmp_path: Path, ckpts: dict[str, Path], capsys: pytest.CaptureFixture[str], no_data_work: None
+) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    payload = _RunsCode(marker)
+    torch.save({"format": "vf-model", "model_config": CFG.to_dict(), "state_dict": payload} if where == "state_dict"
+               else payload, evil)  # fmt: skip
+    with pytest.raises(CheckpointError, match="weights_only"):
+        load_model_checkpoint(evil)
+    _fails_in_one_line(["merge", "--checkpoints", json.dumps([str(ckpts["a"]), str(evil)]),
+                        "--out_dir", str(tmp_path / "o")], capsys, str(evil), "malicious")  # fmt: skip
+    _fails_in_one_line(["prune", "--checkpoint", str(evil), "--out_dir", str(tmp_path / "o")], capsys, str(evil))
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--matching", "[wieght]"], "wieght"),
+        (["--normalization", "[repiar]"], "repiar"),
+        (["--alpha", "1.5"], "alpha must lie in [0, 1]"),
+        (["--out_dri", "x"], "--out_dri"),
+    ],
+)
+def test_unknown_names_bad_alpha_and_flag_typos_fail_in_one_line_before_any_work(
+    args: list[str], needle: str, ckpts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    no_data_work: None,
+) -> None:
+    _fails_in_one_line(["merge", "--checkpoints", json.dumps([str(ckpts["a"]), str(ckpts["b"])]),
+                        "--out_dir", str(tmp_path / "o"), *args], capsys, needle)  # fmt: skip
+    assert not (tmp_path / "o").exists()
+
+
+def test_typo_in_a_nested_key_fails_before_any_work_naming_it(
+    ckpts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], no_data_work: None
+) -> None:
+    """jsonargparse's message for a nested key spans several lines (issue 14 item 7), but names the key."""
+    with pytest.raises(SystemExit) as e:
+        main(["merge", "--checkpoints", json.dumps([str(ckpts["a"]), str(ckpts["b"])]), "--data.pad_to32", "true"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "pad_to32" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 10. written files honour the umask
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_written_files_honour_the_umask(umask: int, tmp_path: Path) -> None:
+    old = os.umask(umask)
+    try:
+        path = atomic_write_bytes(b"x", tmp_path / "f.bin")
+        model_path = save_model_checkpoint(nn.Linear(2, 2), CFG, tmp_path / "m.pt")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert model_path.stat().st_mode & 0o777 == 0o666 & ~umask

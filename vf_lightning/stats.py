@@ -70,7 +70,7 @@ class CentredBatch:
 
     def m2(self) -> torch.Tensor:
         """``Σ (x − batch mean)²`` per channel, float64."""
-        sq = (self.rows * self.rows).sum(0).to(torch.float64)
+        sq = torch.linalg.vecdot(self.rows, self.rows, dim=0).to(torch.float64)
         return (sq - self.total * self.total / max(self.n, 1)).clamp_min(0)
 
     def comoment(self, other: CentredBatch) -> torch.Tensor:
@@ -200,11 +200,18 @@ class Moments:
         xf = x if x.is_floating_point() else x.to(dt)
         if self.shift is None:
             self.shift = xf.mean(dims, dtype=dt).to(torch.float64)
-        view = [1] * x.dim()
-        view[cd] = self.dim
-        c = xf - self.shift.to(device=x.device, dtype=dt).view(view)  # a fresh tensor in dt
-        total = c.sum(dims).to(torch.float64)
-        sq = c.square_().sum(dims).to(torch.float64)
+        shift = self.shift.to(device=x.device, dtype=dt)
+        moved = xf.movedim(cd, -1)
+        if moved.is_contiguous():  # N×C, N×L×C, channels-last maps: centre the M × C rows view
+            c = moved.reshape(-1, self.dim) - shift
+            total = c.sum(0).to(torch.float64)
+            sq = torch.linalg.vecdot(c, c, dim=0).to(torch.float64)
+        else:
+            view = [1] * x.dim()
+            view[cd] = self.dim
+            c = xf - shift.view(view)  # a fresh tensor in dt
+            total = c.sum(dims).to(torch.float64)
+            sq = c.square_().sum(dims).to(torch.float64)
         mean = self.shift.to(total) + total / n
         self.combine(n, mean, (sq - total * total / n).clamp_min(0))
 

@@ -2,7 +2,8 @@
 
 A group's cost matrix (in B's original unit order) depends only on the permutations of its neighbours, the
 groups sharing a parameter with it; a group none of whose neighbours changed since it was last solved would
-get the same assignment again, so it is skipped. Cost matrices are built on the models' device, the LAP is
+get the same assignment again, so it is skipped; of a group that is solved, only the cost terms of parameters
+whose other permutations changed are recomputed. Cost matrices are built on the models' device, the LAP is
 solved on CPU.
 """
 
@@ -31,16 +32,17 @@ def solve_lap(cost: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.asarray(col, dtype=np.int64))
 
 
-def neighbours(spec: PermutationSpec) -> list[set[int]]:
-    """Per group, the groups whose permutations enter its cost matrix: those sharing a parameter with it.
+def axis_dependencies(spec: PermutationSpec) -> list[list[set[int]]]:
+    """Per group and axis, the groups whose permutations enter that axis's cost term (its neighbours).
 
-    A group with two axes on one parameter depends on its own permutation too and lists itself.
+    Those are the other groups permuting the same parameter; a group with two axes on one parameter depends
+    on its own permutation there too and lists itself.
     """
     users: dict[str, list[int]] = {}
     for gi, g in enumerate(spec.groups):
         for ax in g.axes:
             users.setdefault(ax.key, []).append(gi)
-    return [{n for ax in g.axes for n in users[ax.key] if n != gi or users[ax.key].count(gi) > 1}
+    return [[{n for n in users[ax.key] if n != gi or users[ax.key].count(gi) > 1} for ax in g.axes]
             for gi, g in enumerate(spec.groups)]
 
 
@@ -75,13 +77,28 @@ def weight_matching(
     cur_b = permute_state_dict({k: state_b[k].detach().to(dev, torch.float32) for k in keys}, spec,
                                {k: v.to(dev) for k, v in perms.items()})
     a_mats = {(ax.key, ax.axis): _mat(a[ax.key], ax, g.size) for g in spec.groups for ax in g.axes}
-    near = neighbours(spec)
+    a_flat = {k: a[k].reshape(-1).double() for k in keys}
+    deps = axis_dependencies(spec)
     changed_at = [-1] * len(spec.groups)  # step of each group's last permutation change
-    solved_at = [-2] * len(spec.groups)  # step at which each group was last solved
+    solved_at = [0] * len(spec.groups)  # step at which each group was last solved (0: never)
+    # per (group, axis): its cost term in B's original unit order and the step it was computed at
+    terms: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
     step = 0
 
     def objective() -> float:
-        return float(sum(torch.dot(a[k].reshape(-1).double(), cur_b[k].reshape(-1).double()) for k in keys))
+        return float(sum(torch.dot(a_flat[k], cur_b[k].reshape(-1).double()) for k in keys))
+
+    def term(gi: int, ai: int, old_dev: torch.Tensor) -> torch.Tensor:
+        """``<A_i, B_j>`` over one axis of group ``gi``, in B's original order (cached while its inputs hold)."""
+        cached = terms.get((gi, ai))
+        if skip_unchanged and cached is not None and all(changed_at[n] < cached[1] for n in deps[gi][ai]):
+            return cached[0]
+        g = spec.groups[gi]
+        ax = g.axes[ai]
+        t = torch.empty(g.size, g.size, dtype=torch.float64, device=dev)
+        t[:, old_dev] = (a_mats[(ax.key, ax.axis)] @ _mat(cur_b[ax.key], ax, g.size).t()).double()
+        terms[(gi, ai)] = (t, step)
+        return t
 
     history = [objective()]
     sweeps = 0
@@ -90,16 +107,16 @@ def weight_matching(
         progress = False
         for gi in torch.randperm(len(spec.groups), generator=gen).tolist():
             step += 1
-            if skip_unchanged and all(changed_at[n] < solved_at[gi] for n in near[gi]):
+            if skip_unchanged and solved_at[gi] > 0 and all(changed_at[n] < solved_at[gi]
+                                                            for n in set().union(*deps[gi])):
                 continue
             solved_at[gi] = step
             g = spec.groups[gi]
-            cost_cur = torch.zeros(g.size, g.size, dtype=torch.float64, device=dev)
-            for ax in g.axes:
-                cost_cur += (a_mats[(ax.key, ax.axis)] @ _mat(cur_b[ax.key], ax, g.size).t()).double()
             old = perms[g.name]
-            cost = torch.empty_like(cost_cur)
-            cost[:, old.to(dev)] = cost_cur  # cost[i, j] = <A_i, B_j> in B's original unit order
+            old_dev = old.to(dev)
+            cost = torch.zeros(g.size, g.size, dtype=torch.float64, device=dev)
+            for ai in range(len(g.axes)):
+                cost += term(gi, ai, old_dev)  # cost[i, j] = <A_i, B_j> in B's original unit order
             cost_cpu = cost.cpu()
             new = solve_lap(cost_cpu)
             old_l = float(cost_cpu[torch.arange(g.size), old].sum())

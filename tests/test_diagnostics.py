@@ -13,6 +13,7 @@ from vf_lightning.diagnostics import (
     depth_profile,
     envelope,
     plot_interpolation_curves,
+    plot_prune_accuracy,
     plot_variance_ratios,
     plot_vf_profiles,
     variance_ratio,
@@ -110,7 +111,13 @@ def test_plots_write_png_files(tmp_path) -> None:  # type: ignore[no-untyped-def
         plot_vf_profiles({"merged": [1.0, 0.6, 0.3]}, tmp_path / "vf.png"),
         plot_interpolation_curves([0, 0.5, 1], {"weight/none": {"acc": [0.9, 0.2, 0.9], "loss": [0.3, 2, 0.3]}},
                                   tmp_path / "lmc.png"),
+        plot_prune_accuracy([{"pruner": "magnitude", "sparsity": s, "normalization": "none", "acc": 0.9 - s}
+                             for s in (0.9, 0.0, 0.5)], tmp_path / "acc.png", dense=0.9, run_name="run"),
+        plot_prune_accuracy([], tmp_path / "empty.png"),
+        plot_vf_profiles({"w/none": [1.0, None, 0.3]}, tmp_path / "vf2.png", layers=["a", "b", "c"],  # type: ignore[list-item]
+                         run_name="run"),
     ]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["lmc.png", "vf.png", "vr.png"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["acc.png", "empty.png", "lmc.png", "vf.png", "vf2.png",
+                                                          "vr.png"]

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import tempfile
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from vf_lightning.align import activation_statistics, build_permutation_spec, statistics
 from vf_lightning.align.statistics import CrossMoments
+from vf_lightning.models import ModelConfig, build_model
 from vf_lightning.stats import Moments, centre, stream_moments
 
 
@@ -141,3 +144,31 @@ def test_ddp_all_reduce_combines_ranks_exactly_and_identically() -> None:
     assert ((r["var"] - v_ref).abs() / v_ref).max() < 1e-6
     assert (r["corr"] - r_ref).abs().max() < 1e-6
     assert (r["cross"] - r_ref[:3, 3:]).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("joint_max", [64, 0], ids=["joint-gram", "separate"])
+def test_activation_statistics_match_a_float64_reference(joint_max: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(statistics, "JOINT_MAX_CHANNELS", joint_max)
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="resnet20", norm="bn", width=0.25)
+    a, b = build_model(cfg).eval(), build_model(cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    loader = [torch.randn(n, 3, 16, 16, generator=g) for n in (8, 5, 11)]
+    spec = build_permutation_spec(a, loader[0][:2])
+    cross = activation_statistics(a, b, spec, loader)
+    full = activation_statistics(a, b, spec, loader, full=True)
+    grp = spec.groups[0]
+    keys = [(s.module, s.call, s.port) for s in grp.activation_sites]
+    feats: list[torch.Tensor] = []
+    with torch.no_grad(), statistics.record_sites(a, keys) as sa, statistics.record_sites(b, keys) as sb:
+        for x in loader:
+            a(x), b(x)
+            feats += [torch.cat([sa[k], sb[k]]).t() for k in keys]
+    _, v_ref, r_ref = _reference(torch.cat(feats))
+    c = grp.size
+    st, fu = cross[grp.name], full[grp.name]
+    assert isinstance(st, CrossMoments) and isinstance(fu, Moments)
+    assert torch.allclose(torch.cat([st.a.var, st.b.var]), v_ref, rtol=1e-5, atol=1e-9)
+    assert torch.allclose(fu.var, v_ref, rtol=1e-5, atol=1e-9)
+    assert (st.corr() - r_ref[:c, c:]).abs().max() < 1e-5
+    assert (fu.corr() - r_ref).abs().max() < 1e-5

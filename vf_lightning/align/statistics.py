@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -21,7 +22,9 @@ from vf_lightning.stats import (
     Moments,
     centre,
     chan_all_reduce,
+    channel_layout,
     channel_matrix,
+    compute_dtype,
     is_distributed,
     iter_inputs,
     model_device,
@@ -46,19 +49,24 @@ class CrossMoments:
         self.b = Moments(self.dim_b, device=self.device)
         self.comoment = torch.zeros(self.dim_a, self.dim_b, dtype=torch.float64, device=self.device)
 
-    def add_centred(self, ba: CentredBatch, bb: CentredBatch) -> None:
-        """Add paired centred batches: one matmul in their dtype, combined in float64 (Chan et al.)."""
-        if ba.n != bb.n:
-            raise ValueError(f"paired batches need the same positions, got {ba.n} and {bb.n}")
-        if ba.n == 0:
+    def combine(self, n: int, mean_a: torch.Tensor, m2_a: torch.Tensor, mean_b: torch.Tensor, m2_b: torch.Tensor,
+                cross: torch.Tensor) -> None:
+        """Chan et al.'s update with a batch of ``n`` paired observations: means, ``M2`` and cross co-moment."""
+        if n == 0:
             return
         count = self.a.count
-        w = count * ba.n / (count + ba.n)
-        da = ba.mean().to(self.comoment) - self.a.mu
-        db = bb.mean().to(self.comoment) - self.b.mu
-        self.comoment += ba.comoment(bb).to(self.comoment) + torch.outer(da, db) * w
-        self.a.add_centred(ba)
-        self.b.add_centred(bb)
+        w = count * n / (count + n)
+        da = mean_a.to(self.comoment) - self.a.mu
+        db = mean_b.to(self.comoment) - self.b.mu
+        self.comoment += cross.to(self.comoment) + torch.outer(da, db) * w
+        self.a.combine(n, mean_a, m2_a)
+        self.b.combine(n, mean_b, m2_b)
+
+    def add_centred(self, ba: CentredBatch, bb: CentredBatch) -> None:
+        """Add paired centred batches: one matmul in their dtype, combined in float64."""
+        if ba.n != bb.n:
+            raise ValueError(f"paired batches need the same positions, got {ba.n} and {bb.n}")
+        self.combine(ba.n, ba.mean(), ba.m2(), bb.mean(), bb.m2(), ba.comoment(bb))
 
     def update(self, fa: torch.Tensor, fb: torch.Tensor) -> None:
         """Add paired ``C × M`` observations of A and B (centred and multiplied in their dtype)."""
@@ -140,20 +148,76 @@ def record_sites(model: nn.Module, sites: Sequence[SiteKey],
         yield store
 
 
-@contextmanager
-def _record_centred(model: nn.Module, sites: Sequence[SiteKey],
-                    dtype: torch.dtype | None) -> Iterator[dict[SiteKey, CentredBatch]]:
-    """Capture each site's batch centred on a per-site shift fixed at its first batch's mean (a fresh copy)."""
-    store: dict[SiteKey, CentredBatch] = {}
-    shifts: dict[SiteKey, torch.Tensor] = {}
+JOINT_MAX_CHANNELS = 64  # up to this many channels one Gram matrix of [c_A | c_B | 1] beats separate passes
 
-    def take(k: SiteKey, t: torch.Tensor) -> None:
-        b = centre(t, shifts.get(k), dtype)
-        shifts.setdefault(k, b.shift)
-        store[k] = b
 
-    with _hook_sites(model, sites, take):
-        yield store
+@dataclass(frozen=True)
+class _PairBatch:
+    """One site's batch of A and B, reduced: count, means and ``M2`` of ``[A; B]``, and the co-moment."""
+
+    n: int
+    mean: torch.Tensor  # 2C, float64
+    m2: torch.Tensor  # 2C
+    com: torch.Tensor  # 2C × 2C (joint), or the C × C cross block
+
+    def add_to(self, st: CrossMoments | Moments) -> None:
+        c = self.mean.shape[0] // 2
+        if isinstance(st, Moments):
+            st.combine(self.n, self.mean, self.m2, self.com)
+        else:
+            cross = self.com[:c, c:] if self.com.shape[0] == 2 * c else self.com
+            st.combine(self.n, self.mean[:c], self.m2[:c], self.mean[c:], self.m2[c:], cross)
+
+
+class _PairRecorder:
+    """Centres each site's batch of A (side 0) and B (side 1) on per-site shifts fixed at the first batch's mean.
+
+    Sites of up to :data:`JOINT_MAX_CHANNELS` channels (and all in ``full`` mode) are centred side by side
+    into one ``M × (2C + 1)`` buffer ``[c_A | c_B | 1]`` whose Gram matrix, one matmul, holds every sum,
+    square and product; wider sites keep two :class:`CentredBatch` and one cross matmul.
+    """
+
+    def __init__(self, dtype: torch.dtype | None, full: bool) -> None:
+        self.dtype, self.full = dtype, full
+        self.shifts: dict[tuple[int, SiteKey], torch.Tensor] = {}
+        self.bufs: dict[SiteKey, torch.Tensor] = {}
+        self.pairs: dict[SiteKey, list[CentredBatch | None]] = {}
+
+    def take(self, side: int, k: SiteKey, t: torch.Tensor) -> None:
+        dt = self.dtype or compute_dtype(t.dtype)
+        cd, dims = channel_layout(t)
+        c = t.shape[cd]
+        t = t if t.is_floating_point() else t.to(dt)
+        if (side, k) not in self.shifts:
+            self.shifts[(side, k)] = t.mean(dims, dtype=dt)
+        shift = self.shifts[(side, k)]
+        if not (self.full or c <= JOINT_MAX_CHANNELS):
+            self.pairs.setdefault(k, [None, None])[side] = centre(t, shift, dt)
+            return
+        moved = t.movedim(cd, -1)
+        m = moved.numel() // max(c, 1)
+        buf = self.bufs.get(k)
+        if buf is None or buf.shape != (m, 2 * c + 1) or buf.dtype != dt or buf.device != t.device:
+            buf = torch.empty(m, 2 * c + 1, dtype=dt, device=t.device)
+            buf[:, 2 * c] = 1
+            self.bufs[k] = buf
+        torch.sub(moved, shift, out=buf[:, side * c:(side + 1) * c].view(moved.shape))
+
+    def batch(self, k: SiteKey) -> _PairBatch:
+        """The reduced batch of site ``k`` after both forwards."""
+        s_ab = torch.cat([self.shifts[(0, k)], self.shifts[(1, k)]]).to(torch.float64)
+        if k in self.bufs:
+            buf = self.bufs[k]
+            n, c2 = buf.shape[0], buf.shape[1] - 1
+            g = (buf.t() @ buf).to(torch.float64)
+            total = g[:c2, c2]
+            com = g[:c2, :c2] - torch.outer(total, total) / max(n, 1)
+            return _PairBatch(n, s_ab + total / max(n, 1), com.diagonal().clamp_min(0), com)
+        ba, bb = self.pairs[k]
+        assert ba is not None and bb is not None
+        if ba.n != bb.n:
+            raise ValueError(f"site {k} has {ba.n} positions in A but {bb.n} in B")
+        return _PairBatch(ba.n, torch.cat([ba.mean(), bb.mean()]), torch.cat([ba.m2(), bb.m2()]), ba.comoment(bb))
 
 
 def _key(s: Site) -> SiteKey:
@@ -201,20 +265,15 @@ def activation_statistics(
     model_b.eval()
     keys = list(site_groups)
     try:
-        with _record_centred(model_a, keys, dtype) as store_a, _record_centred(model_b, keys, dtype) as store_b:
+        rec = _PairRecorder(dtype, full)
+        with _hook_sites(model_a, keys, partial(rec.take, 0)), _hook_sites(model_b, keys, partial(rec.take, 1)):
             for x in iter_inputs(loader, device, max_samples):
                 model_a(x)
                 model_b(x)
                 for k, names in site_groups.items():
-                    ba, bb = store_a[k], store_b[k]
+                    pb = rec.batch(k)
                     for name in names:
-                        st = stats[name]
-                        if isinstance(st, CrossMoments):
-                            st.add_centred(ba, bb)
-                        else:
-                            st.add_centred(CentredBatch.cat([ba, bb]))
-                store_a.clear()
-                store_b.clear()
+                        pb.add_to(stats[name])
     finally:
         model_a.train(modes[0])
         model_b.train(modes[1])

@@ -18,11 +18,13 @@ from lightning.pytorch.callbacks import Callback
 from vf_lightning.checkpoint import save_model_checkpoint
 from vf_lightning.diagnostics import (
     plot_interpolation_curves,
-    plot_layer_curves,
+    plot_multitask_accuracy,
+    plot_prune_accuracy,
     plot_variance_ratios,
     plot_vf_profiles,
+    report_title,
+    write_report_html,
 )
-from vf_lightning.diagnostics.plots import plot_multitask_accuracy  # multi-task merge plot
 from vf_lightning.io import atomic_write_json, check_writable, clean_stale, publish_dir, staging_dir
 from vf_lightning.merge.pfm import PFMModel, save_pfm
 
@@ -35,7 +37,7 @@ PLOT_FILES = ("lmc.png", "variance_ratio.png", "vf.png", "accuracy.png", "normal
 def owned_by_writer(name: str) -> bool:
     """Whether a top-level entry of ``out_dir`` belongs to the set ReportWriter writes (replaced as a whole);
     other entries (configs, logs, the user's files) are kept across runs."""
-    return name == "report.json" or name in PLOT_FILES or name in CHECKPOINT_FILES.values()
+    return name in ("report.json", "report.html") or name in PLOT_FILES or name in CHECKPOINT_FILES.values()
 
 
 def jsonable(obj: Any) -> Any:
@@ -179,32 +181,32 @@ class ReportWriter(Callback):
             plots[key] = str(out / name)
 
         if self.plots:
+            name = report_title(report)
             lmc = report["lmc"]
             if lmc["curves"]:
-                plot("interpolation", "lmc.png", lambda p: plot_interpolation_curves(lmc["alphas"], lmc["curves"], p))
+                plot("interpolation", "lmc.png",
+                     lambda p: plot_interpolation_curves(lmc["alphas"], lmc["curves"], p, run_name=name))  # fmt: skip
             vr = report["variance_ratio"]
             if vr["curves"]:
                 curves = vr["curves"]
                 if any("sparsity" in r for r in report["results"]):  # pruning: the highest sparsity only
                     top = max(r["sparsity"] for r in report["results"])
                     curves = {k: v for k, v in curves.items() if f"/{top:g}/" in k}
-                plot("variance_ratio", "variance_ratio.png", lambda p: plot_variance_ratios(vr["layers"], curves, p))
-            if report.get("vanishing_feature", {}).get("curves"):
+                plot("variance_ratio", "variance_ratio.png",
+                     lambda p: plot_variance_ratios(vr["layers"], curves, p, run_name=name))  # fmt: skip
+            vf = report.get("vanishing_feature", {})
+            if vf.get("curves"):
                 plot("vanishing_feature", "vf.png",
-                     lambda p: plot_vf_profiles(report["vanishing_feature"]["curves"], p))  # fmt: skip
+                     lambda p: plot_vf_profiles(vf["curves"], p, layers=vf.get("layers"), run_name=name))  # fmt: skip
             prune_rows = [r for r in report["results"] if "sparsity" in r]
             if prune_rows:
-                sparsities = sorted({r["sparsity"] for r in prune_rows})
-                acc: dict[str, list[float]] = {}
-                for r in prune_rows:
-                    acc.setdefault(f"{r['pruner']}/{r['normalization']}", []).append(r["acc"])
-                plot("accuracy", "accuracy.png", lambda p: plot_layer_curves(
-                    acc, p, "test accuracy", "Accuracy vs sparsity", [str(s) for s in sparsities]))  # fmt: skip
-            # -- multi-task merge (TaskMergeCallback rows carry `task`): normalized accuracy per method × correction
-            task_rows = [r for r in report["results"] if "task" in r]
+                dense = {k: v["acc"] for k, v in report.get("endpoints", {}).items() if k.startswith("dense")}
+                plot("accuracy", "accuracy.png",
+                     lambda p: plot_prune_accuracy(prune_rows, p, dense=dense, run_name=name))  # fmt: skip
+            task_rows = [r for r in report["results"] if "task" in r]  # multi-task rows (TaskMergeCallback)
             if task_rows:
-                plot("multitask_accuracy", "normalized_acc.png", lambda p: plot_multitask_accuracy(task_rows, p))
-            # -- end multi-task
+                plot("multitask_accuracy", "normalized_acc.png",
+                     lambda p: plot_multitask_accuracy(task_rows, p, run_name=name))  # fmt: skip
         report["plots"] = plots
         config = getattr(pl_module, "model_config", None)
         saves = []
@@ -221,6 +223,7 @@ class ReportWriter(Callback):
             else:
                 save_model_checkpoint(model, config, path, meta=meta)  # type: ignore[arg-type]
         atomic_write_json(report, stage / "report.json")
+        write_report_html(report, stage)
 
     def log_report(self, trainer: L.Trainer, report: Mapping[str, Any]) -> None:
         """Headline scalars to every logger; the results table and the plots to W&B."""

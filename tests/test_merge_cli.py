@@ -113,6 +113,8 @@ def test_merge_report_follows_the_contract_and_recovers_a_permuted_copy(
     assert cfg == CFG and report["merged_checkpoint"]["val_acc"] is not None
     assert (out / "merged_pfm.pt").is_file()
     assert (out / "lmc.png").is_file() and (out / "variance_ratio.png").is_file()
+    html = (out / "report.html").read_text()
+    assert 'id="results"' in html and "data:image/png;base64," in html  # self-contained page beside report.json
     assert next((tmp_path / "csv").rglob("metrics.csv")).read_text().count("merge/weight/none/acc") == 1
     assert "weight" in capsys.readouterr().out
 

@@ -1,7 +1,7 @@
 """Diagnostics: variance ratio, vanishing-feature profile and envelope, params/FLOPs, plots, the HTML report."""
 
 from vf_lightning.diagnostics.complexity import count_flops, count_params
-from vf_lightning.diagnostics.html import render_report_html, write_report_html
+from vf_lightning.diagnostics.html import render_report_html, report_title, write_report_html
 from vf_lightning.diagnostics.plots import (
     plot_interpolation_curves,
     plot_layer_curves,
@@ -30,5 +30,6 @@ __all__ = [
     "vf_layers",
     "vf_profile",
     "vf_ratio",
+    "report_title",
     "write_report_html",
 ]

@@ -205,7 +205,7 @@ class Moments:
         if moved.is_contiguous():  # N×C, N×L×C, channels-last maps: centre the M × C rows view
             c = moved.reshape(-1, self.dim) - shift
             total = c.sum(0).to(torch.float64)
-            sq = torch.linalg.vecdot(c, c, dim=0).to(torch.float64)
+            sq = c.square_().sum(0).to(torch.float64)
         else:
             view = [1] * x.dim()
             view[cd] = self.dim

@@ -47,6 +47,20 @@ def channel_rows(x: torch.Tensor) -> torch.Tensor:
     return x.movedim(cd, -1).reshape(-1, x.shape[cd])
 
 
+SHIFT_SAMPLES = 16  # the shift is the channel mean of the first batch's first SHIFT_SAMPLES inputs
+
+
+def initial_shift(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A per-channel shift close to the channel means: the mean over the first :data:`SHIFT_SAMPLES` inputs.
+
+    Any shift within a few standard deviations of the mean keeps the centred sums exact (the batch's own mean
+    is recovered in float64); a subsample makes it cheap.
+    """
+    _, dims = channel_layout(x)
+    head = x[:SHIFT_SAMPLES]
+    return (head if head.is_floating_point() else head.to(dtype)).mean(dims, dtype=dtype)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype per-batch moments are computed in: the activation's own (half types and integers: float32)."""
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
@@ -87,16 +101,16 @@ class CentredBatch:
 
 
 def centre(x: torch.Tensor, shift: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> CentredBatch:
-    """Centre an activation batch on ``shift`` (default: its own channel means) as fresh ``M × C`` rows.
+    """Centre an activation batch on ``shift`` (default: :func:`initial_shift`) as fresh ``M × C`` rows.
 
     The rows are a new tensor (``dtype``, default :func:`compute_dtype` of ``x``), so later in-place ops on
     ``x`` cannot alter them.
     """
     dt = dtype or compute_dtype(x.dtype)
-    cd, dims = channel_layout(x)
+    cd, _ = channel_layout(x)
     c = x.shape[cd]
     if shift is None:
-        shift = (x if x.is_floating_point() else x.to(dt)).mean(dims, dtype=dt)
+        shift = initial_shift(x, dt)
     moved = x.movedim(cd, -1)
     rows = torch.empty(moved.shape, dtype=dt, device=x.device)
     torch.sub(moved, shift.to(dt), out=rows)
@@ -135,6 +149,23 @@ def chan_all_reduce(count: torch.Tensor, means: Sequence[torch.Tensor],
     d = [m - mu for m, mu in zip(means, mus)]
     terms = [m + count * (d[i] * d[i] if j is None else torch.outer(d[i], d[j])) for m, i, j in second]
     return n, mus, _all_reduce_flat(terms)
+
+
+class Scratch:
+    """One reusable work buffer (grown on demand): centring into it avoids a fresh allocation per batch and site."""
+
+    def __init__(self) -> None:
+        self.buf: torch.Tensor | None = None
+
+    def get(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A contiguous uninitialised tensor of ``shape`` viewing the buffer."""
+        n = 1
+        for d in shape:
+            n *= int(d)
+        b = self.buf
+        if b is None or b.numel() < n or b.dtype != dtype or b.device != device:
+            b = self.buf = torch.empty(n, dtype=dtype, device=device)
+        return b[:n].view(tuple(shape))
 
 
 @dataclass
@@ -182,8 +213,11 @@ class Moments:
         else:
             self.combine(batch.n, batch.mean(), batch.m2())
 
-    def add(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> None:
-        """Add an activation batch (``N×C``, ``N×C×H×W`` or ``N×L×C``), centred in its own dtype on its device."""
+    def add(self, x: torch.Tensor, dtype: torch.dtype | None = None, scratch: Scratch | None = None) -> None:
+        """Add an activation batch (``N×C``, ``N×C×H×W`` or ``N×L×C``), centred in its own dtype on its device.
+
+        ``scratch`` optionally supplies the work buffer the centred values are written to.
+        """
         if self.comoment is not None:
             b = centre(x, self.shift, dtype)
             if self.shift is None:
@@ -199,17 +233,19 @@ class Moments:
             return
         xf = x if x.is_floating_point() else x.to(dt)
         if self.shift is None:
-            self.shift = xf.mean(dims, dtype=dt).to(torch.float64)
+            self.shift = initial_shift(xf, dt).to(torch.float64)
         shift = self.shift.to(device=x.device, dtype=dt)
         moved = xf.movedim(cd, -1)
         if moved.is_contiguous():  # N×C, N×L×C, channels-last maps: centre the M × C rows view
-            c = moved.reshape(-1, self.dim) - shift
+            rows = moved.reshape(-1, self.dim)
+            c = torch.sub(rows, shift, out=scratch.get(rows.shape, dt, x.device)) if scratch else rows - shift
             total = c.sum(0).to(torch.float64)
             sq = c.square_().sum(0).to(torch.float64)
         else:
             view = [1] * x.dim()
             view[cd] = self.dim
-            c = xf - shift.view(view)  # a fresh tensor in dt
+            sv = shift.view(view)
+            c = torch.sub(xf, sv, out=scratch.get(x.shape, dt, x.device)) if scratch else xf - sv
             total = c.sum(dims).to(torch.float64)
             sq = c.square_().sum(dims).to(torch.float64)
         mean = self.shift.to(total) + total / n
@@ -306,6 +342,7 @@ def accumulate_moments(model: nn.Module, names: Sequence[str], pre: bool = False
     if missing:
         raise KeyError(f"module(s) {missing} not found in {type(model).__name__}")
     store: dict[str, Moments] = {}
+    scratch = Scratch()  # hooks run one at a time: one work buffer serves every site
 
     def make_hook(name: str) -> Callable[..., None]:
         def hook(_m: nn.Module, inp: tuple[torch.Tensor, ...], outp: torch.Tensor | None = None) -> None:
@@ -315,7 +352,7 @@ def accumulate_moments(model: nn.Module, names: Sequence[str], pre: bool = False
             t = t.detach()
             if name not in store:
                 store[name] = Moments(t.shape[channel_layout(t)[0]], device=t.device)
-            store[name].add(t)
+            store[name].add(t, scratch=scratch)
 
         return hook
 

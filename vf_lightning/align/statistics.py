@@ -25,6 +25,7 @@ from vf_lightning.stats import (
     channel_layout,
     channel_matrix,
     compute_dtype,
+    initial_shift,
     is_distributed,
     iter_inputs,
     model_device,
@@ -170,7 +171,7 @@ class _PairBatch:
 
 
 class _PairRecorder:
-    """Centres each site's batch of A (side 0) and B (side 1) on per-site shifts fixed at the first batch's mean.
+    """Centres each site's batch of A (side 0) and B (side 1) on per-site shifts fixed at the first batch.
 
     Sites of up to :data:`JOINT_MAX_CHANNELS` channels (and all in ``full`` mode) are centred side by side
     into one ``M × (2C + 1)`` buffer ``[c_A | c_B | 1]`` whose Gram matrix, one matmul, holds every sum,
@@ -185,11 +186,11 @@ class _PairRecorder:
 
     def take(self, side: int, k: SiteKey, t: torch.Tensor) -> None:
         dt = self.dtype or compute_dtype(t.dtype)
-        cd, dims = channel_layout(t)
+        cd, _ = channel_layout(t)
         c = t.shape[cd]
         t = t if t.is_floating_point() else t.to(dt)
         if (side, k) not in self.shifts:
-            self.shifts[(side, k)] = t.mean(dims, dtype=dt)
+            self.shifts[(side, k)] = initial_shift(t, dt)
         shift = self.shifts[(side, k)]
         if not (self.full or c <= JOINT_MAX_CHANNELS):
             self.pairs.setdefault(k, [None, None])[side] = centre(t, shift, dt)

@@ -100,11 +100,29 @@ class CentredBatch:
                             torch.cat([p.total for p in parts]))
 
 
-def centre(x: torch.Tensor, shift: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> CentredBatch:
+class Scratch:
+    """One reusable work buffer (grown on demand): centring into it avoids a fresh allocation per batch and site."""
+
+    def __init__(self) -> None:
+        self.buf: torch.Tensor | None = None
+
+    def get(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A contiguous uninitialised tensor of ``shape`` viewing the buffer."""
+        n = 1
+        for d in shape:
+            n *= int(d)
+        b = self.buf
+        if b is None or b.numel() < n or b.dtype != dtype or b.device != device:
+            b = self.buf = torch.empty(n, dtype=dtype, device=device)
+        return b[:n].view(tuple(shape))
+
+
+def centre(x: torch.Tensor, shift: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+           scratch: Scratch | None = None) -> CentredBatch:
     """Centre an activation batch on ``shift`` (default: :func:`initial_shift`) as fresh ``M × C`` rows.
 
     The rows are a new tensor (``dtype``, default :func:`compute_dtype` of ``x``), so later in-place ops on
-    ``x`` cannot alter them.
+    ``x`` cannot alter them; ``scratch`` optionally supplies (and keeps) their buffer.
     """
     dt = dtype or compute_dtype(x.dtype)
     cd, _ = channel_layout(x)
@@ -112,7 +130,7 @@ def centre(x: torch.Tensor, shift: torch.Tensor | None = None, dtype: torch.dtyp
     if shift is None:
         shift = initial_shift(x, dt)
     moved = x.movedim(cd, -1)
-    rows = torch.empty(moved.shape, dtype=dt, device=x.device)
+    rows = scratch.get(moved.shape, dt, x.device) if scratch else torch.empty(moved.shape, dtype=dt, device=x.device)
     torch.sub(moved, shift.to(dt), out=rows)
     rows = rows.view(-1, c)
     return CentredBatch(rows, shift.to(torch.float64), rows.sum(0).to(torch.float64))
@@ -149,23 +167,6 @@ def chan_all_reduce(count: torch.Tensor, means: Sequence[torch.Tensor],
     d = [m - mu for m, mu in zip(means, mus)]
     terms = [m + count * (d[i] * d[i] if j is None else torch.outer(d[i], d[j])) for m, i, j in second]
     return n, mus, _all_reduce_flat(terms)
-
-
-class Scratch:
-    """One reusable work buffer (grown on demand): centring into it avoids a fresh allocation per batch and site."""
-
-    def __init__(self) -> None:
-        self.buf: torch.Tensor | None = None
-
-    def get(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A contiguous uninitialised tensor of ``shape`` viewing the buffer."""
-        n = 1
-        for d in shape:
-            n *= int(d)
-        b = self.buf
-        if b is None or b.numel() < n or b.dtype != dtype or b.device != device:
-            b = self.buf = torch.empty(n, dtype=dtype, device=device)
-        return b[:n].view(tuple(shape))
 
 
 @dataclass

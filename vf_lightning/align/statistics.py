@@ -20,6 +20,7 @@ from vf_lightning.align.spec import PermutationSpec, Site
 from vf_lightning.stats import (
     CentredBatch,
     Moments,
+    Scratch,
     centre,
     chan_all_reduce,
     channel_layout,
@@ -183,6 +184,7 @@ class _PairRecorder:
         self.shifts: dict[tuple[int, SiteKey], torch.Tensor] = {}
         self.bufs: dict[SiteKey, torch.Tensor] = {}
         self.pairs: dict[SiteKey, list[CentredBatch | None]] = {}
+        self.scratch: dict[tuple[int, SiteKey], Scratch] = {}
 
     def take(self, side: int, k: SiteKey, t: torch.Tensor) -> None:
         dt = self.dtype or compute_dtype(t.dtype)
@@ -193,7 +195,8 @@ class _PairRecorder:
             self.shifts[(side, k)] = initial_shift(t, dt)
         shift = self.shifts[(side, k)]
         if not (self.full or c <= JOINT_MAX_CHANNELS):
-            self.pairs.setdefault(k, [None, None])[side] = centre(t, shift, dt)
+            work = self.scratch.setdefault((side, k), Scratch())
+            self.pairs.setdefault(k, [None, None])[side] = centre(t, shift, dt, work)
             return
         moved = t.movedim(cd, -1)
         m = moved.numel() // max(c, 1)

@@ -21,7 +21,7 @@ import torch
 from vf_lightning.align import activation_statistics, build_permutation_spec, solve_lap, weight_matching
 from vf_lightning.align.permute import expand_index, identity_perms, invert_perm, permute_state_dict
 from vf_lightning.align.spec import PermAxis, PermutationSpec
-from vf_lightning.models import ModelConfig, build_model
+from vf_lightning.models import ModelConfig, build_model, fast_memory_format
 
 
 def _mat(t: torch.Tensor, ax: PermAxis, size: int) -> torch.Tensor:
@@ -89,8 +89,10 @@ def bench_weight_matching(cfg: ModelConfig, size: int, device: torch.device) -> 
 
 @torch.no_grad()
 def bench_statistics(cfg: ModelConfig, samples: int, batch: int, full: bool, precision: str | None,
-                     device: torch.device, repeats: int = 3) -> dict[str, Any]:
+                     device: torch.device, repeats: int = 3, channels_last: bool = True) -> dict[str, Any]:
     a, b = build_model(cfg).eval().to(device), build_model(cfg).eval().to(device)
+    if channels_last:  # the layout the merge session runs conv nets in
+        fast_memory_format(a), fast_memory_format(b)
     g = torch.Generator().manual_seed(0)
     loader = [(torch.randn(batch, 3, 32, 32, generator=g).to(device), None) for _ in range(max(samples // batch, 1))]
     spec = build_permutation_spec(a, loader[0][0][:2])
@@ -115,7 +117,7 @@ def bench_statistics(cfg: ModelConfig, samples: int, batch: int, full: bool, pre
         activation_statistics(a, b, spec, loader, full=full, precision=precision)
         sync()
         stats = min(stats, time.perf_counter() - t0)
-    kind = ("2C×2C" if full else "cross") + f", {precision or 'native'}"
+    kind = ("2C×2C" if full else "cross") + f", {precision or 'native'}" + (", channels_last" if channels_last else "")
     n = len(loader) * batch
     print(f"stats {cfg.arch:8s} ({kind}) N={n}: pass={stats:.2f}s forwards={fwd:.2f}s ratio={stats / fwd:.2f} "
           f"({n / stats:.0f} images/s)")
@@ -130,6 +132,7 @@ def main() -> None:
     p.add_argument("--skip-stats", action="store_true", help="only run the weight-matching benchmark")
     p.add_argument("--precision", nargs="+", default=["native"], help="statistics precisions (native float32 float64)")
     p.add_argument("--repeats", type=int, default=3, help="statistics timings: best of this many")
+    p.add_argument("--contiguous", action="store_true", help="statistics models in NCHW, not channels_last")
     p.add_argument("--json", help="write the measured ratios to this file")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -149,7 +152,8 @@ def main() -> None:
             for prec in args.precision:
                 for arch in ("vgg16", "resnet20"):
                     rows.append(bench_statistics(ModelConfig(arch=arch, norm="bn"), args.samples, args.batch, full,
-                                                 None if prec == "native" else prec, device, args.repeats))
+                                                 None if prec == "native" else prec, device, args.repeats,
+                                                 not args.contiguous))
         out["statistics"] = rows
         out["stats_over_forward"] = max(r["ratio"] for r in rows)
     if args.json:

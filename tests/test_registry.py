@@ -112,7 +112,8 @@ def test_activation_precision_accepts_float32_and_refuses_float16() -> None:
     res = align(a, b, "activation", loader=_loader(), precision="float32")
     ref = align(a, b, "activation", loader=_loader())
     assert all(torch.equal(res.perms[k], ref.perms[k]) for k in ref.perms)  # type: ignore[index]
-    with pytest.raises(ValueError, match="option 'precision' must be Literal\\['float64', 'float32'\\], got 'float16'"):
+    expected = "option 'precision' must be Literal\\['native', 'float64', 'float32'\\], got 'float16'"
+    with pytest.raises(ValueError, match=expected):
         align(a, b, "activation", loader=_loader(), precision="float16")
 
 

@@ -78,7 +78,7 @@ def perms_from_stats(stats: GroupStats) -> dict[str, torch.Tensor]:
 @register_matcher("activation")
 def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
                         loader: Iterable[object] | None = None, *, max_samples: int | None = None,
-                        stats: GroupStats | None = None, precision: Literal["float64", "float32"] = "float64",
+                        stats: GroupStats | None = None, precision: Literal["native", "float64", "float32"] = "native",
                         ) -> AlignmentResult:
     """Activation matching: correlations of post-activation features from one pass, one LAP per group."""
     if stats is None:

@@ -291,6 +291,30 @@ class DiagnosticCallback(Callback):
                             f"`vf merge` with several checkpoints); {type(pl_module).__name__} has "
                             f"{len(nets())}")  # fmt: skip
 
+    # ------------------------------------------------------------------------------------------------ resume
+    state_attrs: tuple[str, ...] = ()  # subclasses: their row / history attributes, kept across a resume
+
+    @property
+    def state_key(self) -> str:
+        """One key per class and settings, so two callbacks of one class keep their own state in a checkpoint."""
+        return self._generate_state_key(**self.settings())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Done runs, timings, last scalars and the subclass's rows, saved with every Lightning checkpoint (plain
+        values only: checkpoints load with ``weights_only``), so a resumed run neither redoes nor loses them."""
+        done = [list(k) if isinstance(k, tuple) else k for k in self._done]
+        state = {"done": done, "seconds": list(self.seconds), "last": dict(self.last)}
+        return {**state, **{name: _plain(getattr(self, name)) for name in self.state_attrs}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved (on ``vf fit --ckpt_path``)."""
+        self._done = {tuple(k) if isinstance(k, list) else k for k in state_dict.get("done", [])}
+        self.seconds = [float(v) for v in state_dict.get("seconds", [])]
+        self.last = {str(k): float(v) for k, v in state_dict.get("last", {}).items()}
+        for name in self.state_attrs:
+            if name in state_dict:
+                setattr(self, name, copy.deepcopy(state_dict[name]))
+
     # ------------------------------------------------------------------------------------------------ hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.check_module(pl_module)
@@ -437,6 +461,17 @@ class MergingCallback(DiagnosticCallback):
                                             correction_sites=self.correction_sites,
                                             multi_mode=self.multi_mode)  # fmt: skip
         return st.sessions[key]
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tensors / numpy scalars as Python numbers and tuples as lists (checkpoint-safe)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (torch.Tensor, np.generic)):
+        return value.item()
+    return value
 
 
 def _max_epochs(trainer: L.Trainer) -> int:

@@ -85,6 +85,7 @@ class MergeCallback(_Merging):
     """
 
     prefix = "merge"
+    state_attrs = ("_rows",)
 
     def __init__(self, ensemble: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -149,6 +150,7 @@ class InterpolationCallback(_Merging):
     """
 
     prefix = "lmc"
+    state_attrs = ("_rows",)
     permutation_only = True
 
     def __init__(self, alphas: int | list[float] = 5, lmc_freq: float | None = None,
@@ -233,6 +235,7 @@ class VarianceCollapseCallback(_Merging):
     """
 
     prefix = "variance"
+    state_attrs = ("_rows", "_history", "_epochs")
 
     def __init__(self, normalizations: list[str] | None = None, vanishing_feature: bool = True,
                  **kwargs: Any) -> None:  # fmt: skip
@@ -315,6 +318,7 @@ class PFMCallback(_Merging):
     """
 
     prefix = "pfm"
+    state_attrs = ("_rows",)
 
     def __init__(self, preserve: list[int] | None = None, normalizations: list[str] | None = None,
                  every_n_epochs: int | None = None, at_fit_end: bool = True, **kwargs: Any) -> None:  # fmt: skip

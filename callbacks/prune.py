@@ -33,6 +33,7 @@ class PruneCallback(DiagnosticCallback):
     """
 
     prefix = "prune"
+    state_attrs = ("_rows",)
     min_networks = 1
 
     def __init__(

@@ -3,6 +3,7 @@ all-or-nothing outputs, writability and model ↔ data checks before any work, a
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import zipfile
@@ -10,11 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import yaml
 from torch import nn
-from vf_lightning.callbacks import ReportWriter
+from vf_lightning.callbacks import MergeCallback, ReportWriter, VarianceCollapseCallback
 from vf_lightning.callbacks import report as report_module
 from vf_lightning.callbacks.base import RunReport
 
@@ -22,9 +24,11 @@ from vf_lightning import io as vio
 from vf_lightning.checkpoint import CheckpointError, load_model_checkpoint, load_networks, save_model_checkpoint
 from vf_lightning.cli import main
 from vf_lightning.data import FashionMNISTDataModule, VisionDataModule
+from vf_lightning.data import sources as data_sources
 from vf_lightning.data.sources import DataDirError
 from vf_lightning.io import OutputError, atomic_write_bytes, check_writable, clean_stale, publish_dir, staging_dir
 from vf_lightning.lit import PairModule
+from vf_lightning.lit.optim import OptimConfig
 from vf_lightning.models import ModelConfig, build_model
 
 CFG = ModelConfig(arch="vgg11", norm="bn", width=0.125, in_channels=1)
@@ -391,3 +395,122 @@ def test_written_files_honour_the_umask(umask: int, tmp_path: Path) -> None:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
     assert model_path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. resume / validate / test from an explicit checkpoint file, with the callbacks' state
+
+
+def _fit_config(tmp_path: Path) -> Path:
+    """A tiny `vf fit` run of a PairModule (MLP, 256 training images) with a MergeCallback and last.ckpt."""
+    root = tmp_path / "run"
+    cfg = {
+        "seed_everything": 1,
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "logger": False,
+                    "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(root),
+                    "callbacks": [
+                        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                         "init_args": {"dirpath": str(root / "checkpoints"), "filename": "last"}},
+                        {"class_path": "vf_lightning.callbacks.MergeCallback",
+                         "init_args": {"matchings": ["identity"], "normalizations": ["none"], "calib_samples": 64,
+                                       "eval_samples": 128, "batch_size": 64}}]},
+        "model": {"class_path": "vf_lightning.lit.PairModule", "init_args": {
+            "net": {"arch": "mlp", "in_channels": 1, "hidden": [32], "image_size": 28}, "optim": {"lr": 0.05}}},
+        "data": {"class_path": "vf_lightning.data.FashionMNISTDataModule", "init_args": {
+            "batch_size": 64, "num_workers": 0, "train_subset": 256, "val_subset": 128, "calib_samples": 64}},
+    }  # fmt: skip
+    path = tmp_path / "fit.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _merge_state(ckpt: dict[str, Any]) -> dict[str, Any]:
+    (state,) = [v for k, v in ckpt["callbacks"].items() if k.startswith("MergeCallback")]
+    return state  # type: ignore[no-any-return]
+
+
+def test_fit_validate_test_and_resume_from_an_explicit_checkpoint_file(
+    tmp_path: Path, fmnist: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = str(_fit_config(tmp_path))
+    last = tmp_path / "run/checkpoints/last.ckpt"
+    main(["fit", "--config", cfg])
+    first = torch.load(last, weights_only=True)
+    assert first["global_step"] == 4 and first["hyper_parameters"]["_class_path"].endswith("PairModule")
+    rows0 = _merge_state(first)["_rows"]
+    assert [r[0] for r in rows0] == [0]
+    for cmd in ("validate", "test"):
+        capsys.readouterr()
+        main([cmd, "--config", cfg, "--ckpt_path", str(last)])
+        out = capsys.readouterr()
+        assert "val/acc_a" in out.out and "Parsing of ckpt_path" not in out.err
+    main(["fit", "--config", cfg, "--ckpt_path", str(last), "--trainer.max_epochs", "2"])
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["global_step"] == 8 and resumed["epoch"] == 1  # continued, not restarted
+    state = _merge_state(resumed)
+    assert state["_rows"][0] == rows0[0] and [r[0] for r in state["_rows"]] == [0, 1]  # epoch 0 kept, not redone
+    assert len(state["seconds"]) == 2 and sorted(d[1] for d in state["done"]) == [1, 2]
+
+
+def test_diagnostic_callback_state_round_trips_and_is_kept_per_callback() -> None:
+    a = MergeCallback(matchings=["identity"], normalizations=["none"])
+    b = MergeCallback(matchings=["weight"], normalizations=["none"])
+    assert a.state_key != b.state_key
+    a._rows = [[0, "identity", "none", np.float32(0.5), torch.tensor(1.25)]]
+    a._done, a.seconds, a.last = {("fit", 1)}, [0.1], {"merge/identity/none/acc": 0.5}
+    fresh = MergeCallback(matchings=["identity"], normalizations=["none"])
+    assert fresh.state_key == a.state_key
+    saved = a.state_dict()
+    buf = io.BytesIO()
+    torch.save(saved, buf)
+    buf.seek(0)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert fresh._rows == [[0, "identity", "none", 0.5, 1.25]] and fresh._done == {("fit", 1)}
+    assert fresh.seconds == [0.1] and fresh.last == a.last
+    v = VarianceCollapseCallback(normalizations=["none"])
+    v._history, v._epochs = {"identity/none": [0.9]}, [1]
+    w = VarianceCollapseCallback(normalizations=["none"])
+    w.load_state_dict(v.state_dict())
+    assert w._history == {"identity/none": [0.9]} and w._epochs == [1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. runtime configuration errors of `vf fit` are one `error:` line
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--data.init_args.batch_size", "0"], ["batch_size must be ≥ 1", "got 0"]),
+        (["--data.init_args.eval_batch_size", "-4"], ["eval_batch_size must be ≥ 1"]),
+        (["--data.init_args.num_workers", "-1"], ["num_workers must be ≥ 0", "got -1"]),
+        (["--model.init_args.optim.lr", "0"], ["optim.lr", "must be > 0"]),
+        (["--model.init_args.optim.lr", "-0.1"], ["optim.lr", "must be > 0", "-0.1"]),
+        (["--trainer.max_epochs", "-3"], ["trainer.max_epochs must be ≥ 0", "-3"]),
+        (["--ckpt_path", "NOFILE"], ["ckpt_path", "does not exist"]),
+        (["--data.init_args.data_dir", "EMPTY"], ["dataset 'fashion_mnist' not found", "How to get it"]),
+        (["--model.init_args.export_dir", "AFILE"], ["model.init_args.export_dir", "is a file"]),
+    ],
+)
+def test_fit_configuration_errors_are_one_line(
+    args: list[str], needles: list[str], tmp_path: Path, fmnist: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    (tmp_path / "empty").mkdir()
+    if "EMPTY" in args:  # the dataset is nowhere to be found
+        monkeypatch.setitem(data_sources.SYSTEM_DIRS, "fashion_mnist", [])
+        monkeypatch.delenv("VF_DATA_DIR", raising=False)
+    (tmp_path / "afile").write_text("x")
+    subst = {"NOFILE": str(tmp_path / "no.ckpt"), "EMPTY": str(tmp_path / "empty"), "AFILE": str(tmp_path / "afile")}
+    args = [subst.get(a, a) for a in args]
+    _fails_in_one_line(["fit", "--config", str(_fit_config(tmp_path)), *args], capsys, *needles)
+    assert not (tmp_path / "run/checkpoints").exists()
+
+
+def test_optim_config_refuses_bad_values() -> None:
+    with pytest.raises(ValueError, match="optim.lr"):
+        OptimConfig(lr=0.0)
+    with pytest.raises(ValueError, match="weight_decay"):
+        OptimConfig(weight_decay=-1e-4)
+    with pytest.raises(ValueError, match="calib_samples must be ≥ 1"):
+        FashionMNISTDataModule(calib_samples=0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -31,7 +32,7 @@ from vf_lightning.callbacks import (
 )
 from vf_lightning.checkpoint import CheckpointError
 from vf_lightning.data import DataNotFoundError, FashionMNISTDataModule, VisionDataModule
-from vf_lightning.io import check_writable
+from vf_lightning.io import OutputError, check_writable
 from vf_lightning.lit import CheckpointModule, MergeModule
 from vf_lightning.merge.session import SessionError
 
@@ -50,6 +51,7 @@ commands:
 """
 
 STARTUP_ERRORS = (CheckpointError, DataNotFoundError, SessionError, ValueError, TypeError)
+CKPT_ALIASES = ("last", "best", "hpc", "registry")  # Lightning's ckpt_path names that are not files
 
 
 class VFLightningCLI(LightningCLI):
@@ -58,13 +60,39 @@ class VFLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
         parser.add_argument("--run_name", type=str, default=None, help="name of the run (informational)")
 
+    def before_instantiate_classes(self) -> None:
+        """Refuse, before anything is built, a ``--ckpt_path`` file that does not exist and negative epochs."""
+        if self.subcommand is None:
+            return
+        cfg = self.config[self.subcommand]
+        parser = self._parser(self.subcommand)
+        ckpt = cfg.get("ckpt_path")
+        if ckpt and ckpt not in CKPT_ALIASES and "://" not in str(ckpt) and not Path(ckpt).is_file():
+            what = "is a directory" if Path(ckpt).is_dir() else "does not exist"
+            parser.error(f"ckpt_path {str(ckpt)!r} {what}: give a checkpoint file of `vf fit` (e.g. "
+                         "<default_root_dir>/checkpoints/last.ckpt) or `last` for the newest one")  # fmt: skip
+        for key in ("max_epochs", "min_epochs"):
+            value = cfg.get(f"trainer.{key}")
+            if value is not None and value < -1:
+                parser.error(f"trainer.{key} must be ≥ 0 (or -1 for no limit), got {value}")
+
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; a bad value becomes a one-line usage error, not a traceback."""
         try:
             super().instantiate_classes()
         except STARTUP_ERRORS as e:
             parser = self._parser(self.subcommand)
-            parser.error(f"invalid configuration: {e}".split("\nGiven value")[0])
+            parser.error(f"invalid configuration: {cause_line(str(e))}")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run ``fit`` / ``validate`` / ``test``; a dataset or checkpoint that cannot be read, or an output that cannot
+        be written (``export_dir``, checked at the start of fit), is one error line."""
+        try:
+            super()._run_subcommand(subcommand)
+        except (DataNotFoundError, CheckpointError, OutputError) as e:
+            message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            print(f"vf {subcommand}: error: {message}", file=sys.stderr)
+            raise SystemExit(2) from e
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -35,6 +35,15 @@ class PermutedView(Dataset[Any]):
         return self.dataset[int(self.perm[i])]
 
 
+def check_sizes(owner: str, num_workers: int, **sizes: int | None) -> None:
+    """Refuse ``num_workers`` < 0 and non-positive sizes (None = unset) at construction, in one line each."""
+    if num_workers < 0:
+        raise ValueError(f"{owner}: num_workers must be ≥ 0 (0 = load in the main process), got {num_workers}")
+    for name, value in sizes.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{owner}: {name} must be ≥ 1, got {value}")
+
+
 class VisionDataModule(L.LightningDataModule):
     """Common loaders: train (optionally two independent orders for a pair), val, test, calibration.
 
@@ -74,6 +83,9 @@ class VisionDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
+        check_sizes(type(self).__name__, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                    num_workers=num_workers, train_subset=train_subset, val_subset=val_subset,
+                    calib_samples=calib_samples)  # fmt: skip
         self.save_hyperparameters()
         self.data_dir = data_dir
         self.batch_size = batch_size

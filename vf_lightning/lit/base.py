@@ -90,3 +90,10 @@ class BaseModule(L.LightningModule):
     @staticmethod
     def config_dict(cfg: Any) -> dict[str, Any]:
         return cfg.to_dict() if hasattr(cfg, "to_dict") else asdict(cfg)
+
+    def cli_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        """``hparams`` in the form LightningCLI re-parses from a checkpoint (``--ckpt_path FILE``): the init
+        arguments with the module's ``_class_path``, as the CLI itself saves them (``load_from_checkpoint``
+        drops the key)."""
+        cls = type(self)
+        return {"_class_path": f"{cls.__module__}.{cls.__qualname__}", **hparams}

@@ -54,14 +54,16 @@ class ClassifierModule(BaseModule):
         self.optim = as_config(optim, OptimConfig)
         self.schedule = as_config(schedule, ScheduleConfig)
         self.save_hyperparameters(
-            {
-                "net": self.net_config.to_dict(),
-                "optim": self.config_dict(self.optim),
-                "schedule": self.config_dict(self.schedule),
-                "seed": seed,
-                "compile": compile,
-                "channels_last": channels_last,
-            }
+            self.cli_hparams(
+                {
+                    "net": self.net_config.to_dict(),
+                    "optim": self.config_dict(self.optim),
+                    "schedule": self.config_dict(self.schedule),
+                    "seed": seed,
+                    "compile": compile,
+                    "channels_last": channels_last,
+                }
+            )
         )
         self.net = build_seeded(self.net_config, seed)
         self.val_metrics = _EvalMetrics(self.net_config.num_classes)
@@ -123,16 +125,18 @@ class PairModule(BaseModule):
         self.schedule = as_config(schedule, ScheduleConfig)
         self.export_dir = export_dir
         self.save_hyperparameters(
-            {
-                "net": self.net_config.to_dict(),
-                "optim": self.config_dict(self.optim),
-                "schedule": self.config_dict(self.schedule),
-                "seed_a": seed_a,
-                "seed_b": seed_b,
-                "export_dir": export_dir,
-                "compile": compile,
-                "channels_last": channels_last,
-            }
+            self.cli_hparams(
+                {
+                    "net": self.net_config.to_dict(),
+                    "optim": self.config_dict(self.optim),
+                    "schedule": self.config_dict(self.schedule),
+                    "seed_a": seed_a,
+                    "seed_b": seed_b,
+                    "export_dir": export_dir,
+                    "compile": compile,
+                    "channels_last": channels_last,
+                }
+            )
         )
         self.net_a = build_seeded(self.net_config, seed_a)
         self.net_b = build_seeded(self.net_config, seed_b)

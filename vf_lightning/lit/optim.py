@@ -22,6 +22,13 @@ class OptimConfig:
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
 
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr (learning rate) must be > 0, got {self.lr}")
+        if self.momentum < 0 or self.weight_decay < 0:
+            raise ValueError(f"optim.momentum and optim.weight_decay must be ≥ 0, got {self.momentum} and "
+                             f"{self.weight_decay}")  # fmt: skip
+
     def build(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")

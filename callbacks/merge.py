@@ -22,7 +22,7 @@ from torch import nn
 from vf_lightning.diagnostics import vf_profile, vf_ratio
 from vf_lightning.distributed import all_reduce_sum, evaluate_reduced, is_distributed
 from vf_lightning.merge import barrier
-from vf_lightning.merge.pfm import PreserveFirstMerger, max_preserved, pfm_sweep
+from vf_lightning.merge.pfm import max_preserved, pfm_sweep
 from vf_lightning.merge.session import (
     GENERAL_MATCHINGS,
     NO_GOALS,
@@ -66,6 +66,15 @@ class _Merging(MergingCallback):
         if alpha != 0.5 and any(m in GENERAL_MATCHINGS for m in self.matchings):
             raise ValueError(f"{owner}: zip/cca merge with fixed weights (α = ½); got alpha={alpha}")
         self.alpha = alpha
+
+    def pair_session(self, trainer: L.Trainer, pl_module: L.LightningModule, data: SessionData,
+                     what: str) -> MergeSession | None:  # fmt: skip
+        """The session, or None (with a warning) when it holds more than two networks: ``what`` needs a pair."""
+        s = self.session(trainer, pl_module, data)
+        if s.is_pair:
+            return s
+        rank_zero_warn(f"{type(self).__name__}: {what} defined for two networks; skipped for {len(s.models)}")
+        return None
 
     def check_module(self, pl_module: L.LightningModule) -> None:
         super().check_module(pl_module)
@@ -190,10 +199,8 @@ class InterpolationCallback(_Merging):
         return curves
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, data: SessionData) -> None:
-        s = self.session(trainer, pl_module, data)
-        if not s.is_pair:
-            rank_zero_warn(f"InterpolationCallback: interpolation curves are defined for two networks; "
-                           f"skipped for {len(s.models)}")  # fmt: skip
+        s = self.pair_session(trainer, pl_module, data, "interpolation curves are")
+        if s is None:
             return
         curves = self.measure(s)
         epoch = self.completed  # completed training epochs (0 = before training)
@@ -355,8 +362,8 @@ class PFMCallback(_Merging):
                           val_acc=score, test_acc=row["acc"])  # fmt: skip
 
             merge = s.merge(matching, 0.5)
-            goal_sites = PreserveFirstMerger(a, b, res, merge.model).goal_sites()
-            goals = s.goals(merge, goal_sites) if any(n not in NO_GOALS for n in self.normalizations) else None
+            # the session's statistics sites cover every non-output conv/linear, i.e. any depth's merged part
+            goals = s.goals(merge, s.stat_sites) if any(n not in NO_GOALS for n in self.normalizations) else None
             with s.timer.phase("pfm"):
                 found = pfm_sweep(a, b, res, depths, self.normalizations, s.data.calib,
                                   lambda m: evaluate_reduced(m, s.data.eval, s.data.device), example,
@@ -365,10 +372,8 @@ class PFMCallback(_Merging):
         return rows
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, data: SessionData) -> None:
-        s = self.session(trainer, pl_module, data)
-        if not s.is_pair:
-            rank_zero_warn(f"PFMCallback: Preserve-First Merging is defined for two networks; skipped for "
-                           f"{len(s.models)}")  # fmt: skip
+        s = self.pair_session(trainer, pl_module, data, "Preserve-First Merging is")
+        if s is None:
             return
         validate = trainer.state.fn == "validate"
         rows = self.measure(s, validate)

@@ -11,6 +11,7 @@ shortcuts that set the module's checkpoints and the matching options of every co
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import sys
 from collections.abc import Sequence
@@ -115,7 +116,7 @@ def _default(cls: type, **init_args: Any) -> dict[str, Any]:
 def _class(path: str) -> type | None:
     module, _, name = path.rpartition(".")
     try:
-        return getattr(sys.modules.get(module) or __import__(module, fromlist=[name]), name)  # type: ignore[no-any-return]
+        return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
     except (ImportError, AttributeError):
         return None
 

@@ -230,7 +230,7 @@ class MergeSession:
             info: dict[str, Any] = {"matching": matching, "groups": len(self.spec)}
             if m.alignment is not None:
                 info.update({k: v for k, v in m.alignment.summary().items() if k != "groups"})
-            info["seconds"] = self._align[matching].seconds if matching in self._align else info.get("seconds", 0.0)
+            info.setdefault("seconds", 0.0)  # the pair's alignment summary has it; N-model matching is not timed
             info["max_abs_logit_diff"] = None
             if m.equivalent:
                 diffs = [self._logit_diff(e, orig) for e, orig in zip(m.endpoints[1:], self.models[1:])]

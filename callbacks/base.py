@@ -21,7 +21,7 @@ import random
 import time
 import weakref
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
@@ -38,6 +37,7 @@ from vf_lightning.align import MATCHERS
 from vf_lightning.distributed import broadcast_module, rank_world
 from vf_lightning.merge.session import MergeSession, MultiMode, SessionData
 from vf_lightning.models import fast_memory_format
+from vf_lightning.progress import Steps, configured, info, steps
 from vf_lightning.stats import iter_inputs
 
 # --------------------------------------------------------------------------------------------------------------
@@ -96,6 +96,12 @@ def networks_of(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, n
     if trainer.state.fn != "fit":
         return {k: fast_memory_format(v).eval() for k, v in nets.items()}
     return {k: fast_memory_format(broadcast_module(frozen_copy(v), pl_module.device)) for k, v in nets.items()}
+
+
+def progress_settings(trainer: L.Trainer, prefix: str = "") -> AbstractContextManager[None]:
+    """Progress output as Lightning's settings say: nothing on ranks other than 0, bars only with the trainer's
+    progress bar enabled (``enable_progress_bar``); ``prefix`` goes before every line (e.g. ``epoch 3``)."""
+    return configured(enabled=trainer.is_global_zero, bars=trainer.progress_bar_callback is not None, prefix=prefix)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -372,14 +378,15 @@ class DiagnosticCallback(Callback):
             st.step, st.sessions = step, {}
         t0 = time.perf_counter()
         name = type(self).__name__
-        if trainer.state.fn == "validate":
-            rank_zero_info(f"[vf] {name}: running")
-        with isolated(pl_module):
-            self.run(trainer, pl_module, self.data(trainer, pl_module))
-        self.seconds.append(time.perf_counter() - t0)
+        fit = trainer.state.fn == "fit"
+        with progress_settings(trainer, f"epoch {completed}" if fit else ""):
+            info("%s%s: running", f"epoch {completed} " if fit else "", name)
+            with isolated(pl_module):
+                self.run(trainer, pl_module, self.data(trainer, pl_module))
+            self.seconds.append(time.perf_counter() - t0)
+            info("%s%s: done in %.1f s", f"epoch {completed} " if fit else "", name, self.seconds[-1])
         if trainer.state.fn == "validate":
             st.report.add_timing({f"callback/{name}": self.seconds[-1]})
-            rank_zero_info(f"[vf] {name}: done in {self.seconds[-1]:.1f} s")
 
     def data(self, trainer: L.Trainer, pl_module: L.LightningModule) -> SessionData:
         """The bounded, sharded data of this callback (built once per trainer, shared by equal settings)."""
@@ -396,6 +403,11 @@ class DiagnosticCallback(Callback):
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, data: SessionData) -> None:
         """Measure and log (subclasses); runs on every rank inside :func:`isolated`."""
         raise NotImplementedError
+
+    def steps(self, total: int | None, unit: str = "variant") -> AbstractContextManager[Steps]:
+        """A progress step of this callback's run (:func:`vf_lightning.progress.steps`): a bar over ``total``
+        items while the validation waits, one log line per finished variant."""
+        return steps(type(self).__name__, total, unit)
 
     def report(self, trainer: L.Trainer) -> RunReport:
         """The run's report (sections, rows, candidate models) that ``ReportWriter`` writes."""

@@ -31,9 +31,10 @@ from vf_lightning.merge.session import (
     check_matchings,
     check_normalizations,
 )
+from vf_lightning.progress import Steps
 from vf_lightning.repair import has_normalization
 
-from .base import MergingCallback, line_plot, lmc_fractions, table
+from .base import MergingCallback, RunReport, line_plot, lmc_fractions, table
 
 
 def vf_profile_reduced(model: nn.Module, data: SessionData) -> dict[str, float]:
@@ -106,10 +107,21 @@ class MergeCallback(_Merging):
         alpha = self.alpha if s.is_pair else None
         metrics: dict[str, float] = {}
         rows: list[dict[str, Any]] = []
+        with self.steps(len(self.matchings) * len(self.normalizations) + int(self.ensemble)) as bar:
+            self._measure(trainer, s, alpha, metrics, rows, bar)
+        self.log_scalars(trainer, metrics)
+        self.log_wandb(trainer, lambda: {"merge_table": table(["epoch", "matching", "normalization", "acc", "loss"],
+                                                              self._rows)})  # fmt: skip
+        if trainer.state.fn == "validate":
+            self._report(trainer, s, rows)
+
+    def _measure(self, trainer: L.Trainer, s: MergeSession, alpha: float | None, metrics: dict[str, float],
+                 rows: list[dict[str, Any]], bar: Steps) -> None:  # fmt: skip
         for matching in self.matchings:
             for name in self.normalizations:
                 t0 = time.perf_counter()
                 m = s.evaluate_variant(matching, name, alpha)
+                bar.advance(f"{matching}/{name}", acc=m["acc"], loss=m["loss"])
                 metrics[f"merge/{matching}/{name}/acc"], metrics[f"merge/{matching}/{name}/loss"] = m["acc"], m["loss"]
                 rows.append({"matching": matching, "normalization": name, "preserved_layers": 0, "alpha": alpha,
                              "acc": m["acc"], "loss": m["loss"], "params_ratio": 1.0, "flops_ratio": 1.0,
@@ -118,11 +130,7 @@ class MergeCallback(_Merging):
         if self.ensemble:
             e = s.ensemble_metrics()
             metrics["merge/ensemble/acc"], metrics["merge/ensemble/loss"] = e["acc"], e["loss"]
-        self.log_scalars(trainer, metrics)
-        self.log_wandb(trainer, lambda: {"merge_table": table(["epoch", "matching", "normalization", "acc", "loss"],
-                                                              self._rows)})  # fmt: skip
-        if trainer.state.fn == "validate":
-            self._report(trainer, s, rows)
+            bar.advance("ensemble", acc=e["acc"], loss=e["loss"])
 
     def _report(self, trainer: L.Trainer, s: MergeSession, rows: list[dict[str, Any]]) -> None:
         rep = self.report(trainer)
@@ -188,14 +196,19 @@ class InterpolationCallback(_Merging):
         """``{"<matching>/<normalization>": {"alphas", "acc", "loss"}}`` (endpoints as they are)."""
         ends = s.endpoint_metrics()
         curves: dict[str, dict[str, list[float]]] = {}
-        for matching in self.matchings:
-            for name in self.normalizations:
-                c: dict[str, list[float]] = {"alphas": list(self.alphas), "acc": [], "loss": []}
-                for alpha in self.alphas:
-                    m = ends[int(alpha)] if alpha in (0.0, 1.0) else s.evaluate_variant(matching, name, alpha)
-                    c["acc"].append(m["acc"])
-                    c["loss"].append(m["loss"])
-                curves[f"{matching}/{name}"] = c
+        inner = [a for a in self.alphas if a not in (0.0, 1.0)]
+        with self.steps(len(self.matchings) * len(self.normalizations) * len(inner), unit="point") as bar:
+            for matching in self.matchings:
+                for name in self.normalizations:
+                    c: dict[str, list[float]] = {"alphas": list(self.alphas), "acc": [], "loss": []}
+                    for alpha in self.alphas:
+                        m = ends[int(alpha)] if alpha in (0.0, 1.0) else s.evaluate_variant(matching, name, alpha)
+                        bar.advance(n=0 if alpha in (0.0, 1.0) else 1)
+                        c["acc"].append(m["acc"])
+                        c["loss"].append(m["loss"])
+                    curves[f"{matching}/{name}"] = c
+                    bar.log(f"{matching}/{name}", acc_barrier=barrier(c["acc"], "acc"),
+                            loss_barrier=barrier(c["loss"], "loss"))  # fmt: skip
         return curves
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, data: SessionData) -> None:
@@ -262,14 +275,19 @@ class VarianceCollapseCallback(_Merging):
         vr: dict[str, list[float]] = {}
         vf: dict[str, list[float]] = {}
         vf_layers: list[str] = []
-        refs = [vf_profile_reduced(m, s.data) for m in s.models] if self.vanishing_feature else None
-        for matching in self.matchings:
-            for name in self.normalizations:
-                vr[f"{matching}/{name}"] = list(s.variance_ratio(matching, name, alpha).values())
-                if refs is not None:
-                    e = vf_ratio(vf_profile_reduced(s.normalized(matching, name, alpha), s.data), refs)
-                    vf_layers = list(e)
-                    vf[f"{matching}/{name}"] = list(e.values())
+        with self.steps(len(self.matchings) * len(self.normalizations)) as bar:
+            refs = [vf_profile_reduced(m, s.data) for m in s.models] if self.vanishing_feature else None
+            for matching in self.matchings:
+                for name in self.normalizations:
+                    vr[f"{matching}/{name}"] = ratios = list(s.variance_ratio(matching, name, alpha).values())
+                    if refs is not None:
+                        bar.status(f"vanishing-feature profile {matching}/{name}")
+                        e = vf_ratio(vf_profile_reduced(s.normalized(matching, name, alpha), s.data), refs)
+                        vf_layers = list(e)
+                        vf[f"{matching}/{name}"] = list(e.values())
+                    finite = [x for x in ratios if x == x] or [float("nan")]
+                    bar.advance(f"{matching}/{name}", mean_variance_ratio=sum(finite) / len(finite),
+                                last_layer=ratios[-1] if ratios else float("nan"))  # fmt: skip
         return {"layers": list(s.vr_sites), "variance": vr, "vf_layers": vf_layers, "vf": vf}
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, data: SessionData) -> None:
@@ -350,26 +368,36 @@ class PFMCallback(_Merging):
             raise ValueError(f"PFMCallback: preserve {bad} exceeds this model's {top} preservable layers")
         rows: list[dict[str, Any]] = []
         rep = self.report(self._trainer) if validate and self._trainer is not None else None
-        for matching in self.matchings:
-            res = s.alignment(matching)
-
-            def keep(pfm: nn.Module, row: dict[str, Any], matching: str = matching) -> None:
-                if rep is None or s.data.select is None:
-                    return
-                score = s.evaluate(("pfm", matching, row["preserved_layers"], row["normalization"]), pfm,
-                                   "select")["acc"]  # fmt: skip
-                rep.offer("merged_pfm", score, pfm, f"{matching}/{row['normalization']}/k={row['preserved_layers']}",
-                          val_acc=score, test_acc=row["acc"])  # fmt: skip
-
-            merge = s.merge(matching, 0.5)
-            # the session's statistics sites cover every non-output conv/linear, i.e. any depth's merged part
-            goals = s.goals(merge, s.stat_sites) if any(n not in NO_GOALS for n in self.normalizations) else None
-            with s.timer.phase("pfm"):
-                found = pfm_sweep(a, b, res, depths, self.normalizations, s.data.calib,
-                                  lambda m: evaluate_reduced(m, s.data.eval, s.data.device), example,
-                                  on_variant=keep, goals=goals, sites=s.fix_sites, merged=merge.model)  # fmt: skip
-            rows += [{"matching": matching, "alpha": 0.5, **r} for r in found]
+        with self.steps(len(self.matchings) * len(depths) * len(self.normalizations)) as bar:
+            for matching in self.matchings:
+                rows += self._sweep(s, matching, depths, rep, bar)
         return rows
+
+    def _sweep(self, s: MergeSession, matching: str, depths: list[int], rep: RunReport | None,
+               bar: Steps) -> list[dict[str, Any]]:  # fmt: skip
+        """PFM rows of one matching over ``depths`` × normalizations (each variant offered for merged_pfm.pt)."""
+        a, b = s.models
+        example = s.data.example()
+        res = s.alignment(matching)
+
+        def keep(pfm: nn.Module, row: dict[str, Any], matching: str = matching) -> None:
+            bar.advance(f"{matching}/{row['normalization']}/k={row['preserved_layers']}", acc=row["acc"],
+                        params_ratio=row["params_ratio"])  # fmt: skip
+            if rep is None or s.data.select is None:
+                return
+            score = s.evaluate(("pfm", matching, row["preserved_layers"], row["normalization"]), pfm,
+                               "select")["acc"]  # fmt: skip
+            rep.offer("merged_pfm", score, pfm, f"{matching}/{row['normalization']}/k={row['preserved_layers']}",
+                      val_acc=score, test_acc=row["acc"])  # fmt: skip
+
+        merge = s.merge(matching, 0.5)
+        # the session's statistics sites cover every non-output conv/linear, i.e. any depth's merged part
+        goals = s.goals(merge, s.stat_sites) if any(n not in NO_GOALS for n in self.normalizations) else None
+        with s.timer.phase("pfm"):
+            found = pfm_sweep(a, b, res, depths, self.normalizations, s.data.calib,
+                              lambda m: evaluate_reduced(m, s.data.eval, s.data.device), example,
+                              on_variant=keep, goals=goals, sites=s.fix_sites, merged=merge.model)  # fmt: skip
+        return [{"matching": matching, "alpha": 0.5, **r} for r in found]
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, data: SessionData) -> None:
         s = self.pair_session(trainer, pl_module, data, "Preserve-First Merging is")

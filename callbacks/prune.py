@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -14,10 +15,25 @@ from vf_lightning.align import ModelGraph
 from vf_lightning.diagnostics import count_params, variance_ratio
 from vf_lightning.distributed import broadcast_module, evaluate_reduced
 from vf_lightning.merge.session import SessionData, check_normalizations
+from vf_lightning.progress import Steps
 from vf_lightning.prune import PRUNERS, normalize_pruned, prune_model, sparsity_report
-from vf_lightning.repair import auto_normalization, reference_stats
+from vf_lightning.repair import Goals, auto_normalization, reference_stats
 
 from .base import DiagnosticCallback, line_plot, networks_of, table
+
+
+@dataclass
+class _Dense:
+    """A dense network and what every pruning level reuses: goal statistics, sites, parameter count, labelled data."""
+
+    name: str
+    model: nn.Module
+    goals: Goals
+    vr_goals: Goals
+    fix_sites: list[str]
+    auto: str
+    n_params: int
+    labelled: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 class PruneCallback(DiagnosticCallback):
@@ -85,41 +101,47 @@ class PruneCallback(DiagnosticCallback):
         fix_sites, vr_sites = graph.correction_sites(), graph.variance_sites()
         d = evaluate_reduced(dense, data.eval, data.device)
         stats = reference_stats([dense], data.calib, list(dict.fromkeys([*fix_sites, *vr_sites])))[0]
-        goals, vr_goals = stats.subset(fix_sites), stats.subset(vr_sites)
-        auto = auto_normalization(dense)
-        n_dense = count_params(dense)
         # diag_fisher needs labels: validation batches (rank 0's mask is then broadcast to all ranks)
-        labelled = data.select if data.select is not None else data.eval
+        ref = _Dense(name, dense, stats.subset(fix_sites), stats.subset(vr_sites), fix_sites,
+                     auto_normalization(dense), count_params(dense),
+                     data.select if data.select is not None else data.eval)  # fmt: skip
         rows: list[dict[str, Any]] = []
         curves: dict[str, list[float]] = {}
-        for pruner in self.pruners:
-            for s in self.sparsities:
-                t0 = time.perf_counter()
-                with torch.enable_grad():
-                    pruned = prune_model(dense, pruner, s, labelled if pruner == "diag_fisher" else None,
-                                         self.include, self.exclude, self.fisher_samples)  # fmt: skip
-                pruned = broadcast_module(pruned, data.device)
-                achieved = float(sparsity_report(pruned, self.include, self.exclude)["global"])  # type: ignore[arg-type]
-                t_prune = time.perf_counter() - t0
-                for norm in self.normalizations:
-                    t1 = time.perf_counter()
-                    label = f"auto:{auto}" if norm == "auto" else norm
-                    model = pruned if norm == "none" else normalize_pruned(pruned, dense, data.calib, norm, None,
-                                                                           goals, fix_sites)[0]  # fmt: skip
-                    m = evaluate_reduced(model, data.eval, data.device)
-                    row = {"network": name, "pruner": pruner, "sparsity": s, "achieved_sparsity": achieved,
-                           "normalization": label, "acc": m["acc"], "loss": m["loss"],
-                           "params_ratio": count_params(model, nonzero=True) / n_dense, "flops_ratio": 1.0,
-                           "seconds": t_prune + time.perf_counter() - t1}  # fmt: skip
-                    rows.append(row)
-                    if validate:
-                        curves[f"{pruner}/{s:g}/{label}"] = list(variance_ratio(model, vr_goals, data.calib).values())
-                        if data.select is not None and s == max(self.sparsities):
-                            score = evaluate_reduced(model, data.select, data.device)["acc"]
-                            self.report(self._trainer).offer(  # type: ignore[arg-type]
-                                "pruned", score, model, f"{name}/{pruner}/{s:g}/{label}", val_acc=score,
-                                test_acc=m["acc"])  # fmt: skip
+        with self.steps(len(self.pruners) * len(self.sparsities) * len(self.normalizations)) as bar:
+            for pruner in self.pruners:
+                for s in self.sparsities:
+                    self._level(ref, data, validate, pruner, s, rows, curves, bar)
         return {"dense": d, "rows": rows, "variance": {"layers": vr_sites, "curves": curves}}
+
+    def _level(self, ref: _Dense, data: SessionData, validate: bool, pruner: str, s: float,
+               rows: list[dict[str, Any]], curves: dict[str, list[float]], bar: Steps) -> None:  # fmt: skip
+        """One pruner at one sparsity: prune, then evaluate as is and after each normalization."""
+        t0 = time.perf_counter()
+        with torch.enable_grad():
+            pruned = prune_model(ref.model, pruner, s, ref.labelled if pruner == "diag_fisher" else None,
+                                 self.include, self.exclude, self.fisher_samples)  # fmt: skip
+        pruned = broadcast_module(pruned, data.device)
+        achieved = float(sparsity_report(pruned, self.include, self.exclude)["global"])  # type: ignore[arg-type]
+        t_prune = time.perf_counter() - t0
+        for norm in self.normalizations:
+            t1 = time.perf_counter()
+            label = f"auto:{ref.auto}" if norm == "auto" else norm
+            model = pruned if norm == "none" else normalize_pruned(pruned, ref.model, data.calib, norm, None,
+                                                                   ref.goals, ref.fix_sites)[0]  # fmt: skip
+            m = evaluate_reduced(model, data.eval, data.device)
+            row = {"network": ref.name, "pruner": pruner, "sparsity": s, "achieved_sparsity": achieved,
+                   "normalization": label, "acc": m["acc"], "loss": m["loss"],
+                   "params_ratio": count_params(model, nonzero=True) / ref.n_params, "flops_ratio": 1.0,
+                   "seconds": t_prune + time.perf_counter() - t1}  # fmt: skip
+            rows.append(row)
+            bar.advance(f"{ref.name}/{pruner}/{s:g}/{label}", acc=m["acc"], sparsity=achieved)
+            if validate:
+                curves[f"{pruner}/{s:g}/{label}"] = list(variance_ratio(model, ref.vr_goals, data.calib).values())
+                if data.select is not None and s == max(self.sparsities):
+                    score = evaluate_reduced(model, data.select, data.device)["acc"]
+                    self.report(self._trainer).offer(  # type: ignore[arg-type]
+                        "pruned", score, model, f"{ref.name}/{pruner}/{s:g}/{label}", val_acc=score,
+                        test_acc=m["acc"])  # fmt: skip
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, data: SessionData) -> None:
         validate = trainer.state.fn == "validate"

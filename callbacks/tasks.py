@@ -159,7 +159,8 @@ class TaskMergeCallback(DiagnosticCallback):
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, data: SessionData) -> None:
         assert isinstance(pl_module, ExpertsModule)
-        res = self.merge(trainer, pl_module)
+        with self.steps(len(self.methods) * len(self.corrections) * len(set(self.aligned))):
+            res = self.merge(trainer, pl_module)
         scalars: dict[str, float] = {}
         for s in res.summary:
             key = variant_key(s["method"], s["correction"], s["aligned"])

@@ -36,6 +36,7 @@ from vf_lightning.data import DataNotFoundError, FashionMNISTDataModule, VisionD
 from vf_lightning.io import OutputError, check_writable
 from vf_lightning.lit import CheckpointModule, MergeModule
 from vf_lightning.merge.session import SessionError
+from vf_lightning.progress import set_quiet
 
 USAGE = """usage: vf {fit,validate,test,merge,prune} [--config FILE.yaml] [options]
 
@@ -49,6 +50,7 @@ commands:
   prune      one-shot prune a trained network with post-pruning normalization (LightningCLI; configs/prune/)
 
 `vf COMMAND --help` lists every option; every option also works from YAML; `--print_config` prints one.
+`--quiet` (or VF_QUIET=1) drops vf's progress bars and progress lines.
 """
 
 STARTUP_ERRORS = (CheckpointError, DataNotFoundError, SessionError, ValueError, TypeError)
@@ -244,7 +246,7 @@ class CheckpointCLI(VFLightningCLI):
             parser_kwargs={"prog": f"vf {self.command}", "description": self.description()},
             trainer_defaults={"logger": False, "enable_checkpointing": False, "num_sanity_val_steps": 0,
                               "limit_val_batches": 1, "enable_model_summary": False, "max_epochs": 1,
-                              "enable_progress_bar": False,
+                              "enable_progress_bar": True,  # vf progress bars while the callbacks work
                               "default_root_dir": f"outputs/{self.command}"},  # fmt: skip
         )
 
@@ -376,6 +378,11 @@ def fit_cli(args: Sequence[str] | None) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``vf`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if "--quiet" in args:  # no vf progress bars or progress lines (as VF_QUIET=1); Lightning's own bar stays
+        set_quiet()
+        args = [a for a in args if a != "--quiet"]
+        if argv is None:
+            sys.argv = [sys.argv[0], *args]
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
         return

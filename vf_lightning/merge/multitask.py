@@ -1,7 +1,8 @@
 """Multi-task merging of experts: merge bodies per method × λ, correct (none | REPAIR | TACT), choose λ on
 validation data, report test accuracies and variance ratios (nonlocal-spec §2-§4).
 
-Plain functions over in-memory :class:`Expert` records and lists of tensors; no printing, files or logging.
+Plain functions over in-memory :class:`Expert` records and lists of tensors; no printing, files or logging
+(only :mod:`vf_lightning.progress` hooks, silent outside a caller's progress step).
 Corrections are the repair layer's :func:`~vf_lightning.repair.affine_correct` (exact, sequential, folded into
 the site layers): TACT with per-task goals (expert t on task t's calibration data), shared REPAIR with the
 mean over experts of their statistics on the union of all tasks' calibration data. Sites are the
@@ -34,6 +35,7 @@ from vf_lightning.merge.experts import (
 )
 from vf_lightning.merge.tasks import DEFAULT_GRIDS, TASK_MERGERS, MergeOutput, check_task_options, merge_bodies
 from vf_lightning.models import ModelConfig
+from vf_lightning.progress import advance, status
 from vf_lightning.repair.correct import affine_correct
 from vf_lightning.repair.goals import Goals, combine_goals, reference_stats
 from vf_lightning.repair.sites import batchnorm_sites, preactivation_sites
@@ -349,6 +351,7 @@ def merge_experts(
         t0 = time.perf_counter()
         for method in methods:
             for corr in corrections:
+                status(f"{method}/{corr}/{'aligned' if align else 'unaligned'}")
                 res = run_variant(prep, tasks, method, corr, grids.get(method), options.get(method), eps, max_scale)
                 rows += result_rows(res, prep, tasks, align)
                 key = variant_key(method, corr, align)
@@ -357,6 +360,7 @@ def merge_experts(
                 summary.append({"method": method, "correction": corr, "aligned": align, "lam": res.lam,
                                 "mean_acc": sum(res.acc) / len(res.acc), "mean_normalized_acc": res.mean_normalized,
                                 "seconds": res.seconds})
+                advance(key, normalized_acc=res.mean_normalized)  # the caller's progress step, if any
         timing["variants"] += time.perf_counter() - t0
     if prep is None:
         raise ValueError("merge_experts ran no variant: `aligned` lists only True but the experts share one "

@@ -41,6 +41,7 @@ from vf_lightning.diagnostics.variance import variance_ratio as measure_variance
 from vf_lightning.distributed import all_reduce_max, broadcast_module, evaluate_reduced
 from vf_lightning.merge.interpolate import average_models, interpolate_models
 from vf_lightning.models import fast_memory_format
+from vf_lightning.progress import status
 from vf_lightning.repair import NORMALIZATIONS, Goals, combine_goals, normalize, reference_stats
 from vf_lightning.stats import iter_inputs
 
@@ -92,7 +93,8 @@ class Merge:
 
 
 class Timer:
-    """Wall time per phase (statistics, matching, normalization, evaluation, ...)."""
+    """Wall time per phase (statistics, matching, normalization, evaluation, ...); each phase is announced to the
+    running progress step (:func:`vf_lightning.progress.status`)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -102,6 +104,7 @@ class Timer:
         sync = torch.cuda.is_available() and torch.cuda.is_initialized()
         if sync:
             torch.cuda.synchronize()
+        status(name)
         t0 = time.perf_counter()
         try:
             yield

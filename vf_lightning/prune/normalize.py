@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from vf_lightning.progress import status
 from vf_lightning.prune.pruners import prune_model, sparsity_report
 from vf_lightning.repair.goals import Goals
 from vf_lightning.repair.registry import auto_normalization, normalize
@@ -37,6 +38,7 @@ def normalize_pruned(
     Pass ``goals`` (e.g. ``compute_goals([dense], loader, max_samples=...)``) to reuse them across sparsities.
     """
     name = auto_normalization(pruned) if normalization == "auto" else normalization
+    status(f"normalization ({name})")
     out = normalize(pruned, name, loader, refs=[dense], weights=[1.0], max_samples=max_samples, sites=sites,
                     goals=goals, eps=eps)
     return out, name

@@ -19,6 +19,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.utils import prune
 
+from vf_lightning.progress import status
 from vf_lightning.registry import Registry
 from vf_lightning.stats import model_device
 
@@ -122,6 +123,7 @@ def diag_fisher(model: nn.Module, modules: Modules, loader: Iterable[object] | N
                 for k, g in grads.items():
                     fisher[k] += g.double().pow(2).sum(0)
             n += x.shape[0]
+            status(f"Fisher {min(n, fisher_samples)}/{fisher_samples} samples")
     finally:
         model.train(was_training)
     if n == 0:
@@ -171,6 +173,7 @@ def prune_model(
                         for w in weights)  # fmt: skip
     if channels_last:  # torch.nn.utils.prune flattens weights with view(): prune in the contiguous layout
         out.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+    status(f"pruning {sparsity:g} ({pruner})")
     fn(out, modules, sparsity, loader, **options)
     for _, m in modules:
         if prune.is_pruned(m):

@@ -31,7 +31,7 @@ def _summary(a: torch.nn.Module, b: torch.nn.Module, loader: list[torch.Tensor])
     spec = build_permutation_spec(a, loader[0][:2])
     stats = activation_statistics(a, b, spec, loader)
     out = {f"{k}/corr": st.corr() for k, st in stats.items()}  # type: ignore[union-attr]
-    for k, p in perms_from_stats(stats).items():
+    for k, p in perms_from_stats(stats, spec).items():
         corr = out[f"{k}/corr"]
         out[f"{k}/lap"] = corr[torch.arange(p.numel()), p].sum()
         live = bool((stats[k].a.var > 1e-6).all() and (stats[k].b.var > 1e-6).all())  # type: ignore[union-attr]

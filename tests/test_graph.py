@@ -115,7 +115,8 @@ def test_unknown_site_names_and_rules_fail_naming_them() -> None:
 @pytest.mark.parametrize("arch", available_models())
 def test_output_layer_of_every_zoo_model_is_its_classifier(arch: str) -> None:
     model = _meta(arch, "bn" if arch == "tv_resnet50" else "none")
-    expected = {"tv_vgg16": "classifier.4", "mlp": "classifier"}.get(arch, "fc" if "resnet" in arch else "classifier")
+    expected = {"tv_vgg16": "classifier.4", "mlp": "classifier", "vit": "head"}.get(
+        arch, "fc" if "resnet" in arch else "classifier")
     assert ModelGraph.of(model).output_layers == [expected]
 
 

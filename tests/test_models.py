@@ -9,7 +9,7 @@ import torch
 
 from vf_lightning.models import ChannelLayerNorm, ModelConfig, available_models, build_model
 
-NORMS = {"mlp": ["none"], "tv_vgg16": ["none", "bn"], "tv_resnet50": ["bn"]}
+NORMS = {"mlp": ["none"], "tv_vgg16": ["none", "bn"], "tv_resnet50": ["bn"], "vit": ["ln"]}
 for _a in available_models():
     if _a.startswith("vgg"):
         NORMS[_a] = ["none", "bn", "ln"]
@@ -24,6 +24,8 @@ def tiny_config(arch: str, norm: str, **kw: object) -> ModelConfig:
         return ModelConfig(arch=arch, norm=norm, in_channels=1, image_size=8, hidden=(16, 16), **kw)  # type: ignore[arg-type]
     if arch.startswith("tv_"):
         return ModelConfig(arch=arch, norm=norm, num_classes=7, **kw)  # type: ignore[arg-type]
+    if arch == "vit":
+        return ModelConfig(arch=arch, norm=norm, in_channels=1, patch=8, dim=16, depth=2, heads=4, **kw)  # type: ignore[arg-type]
     return ModelConfig(arch=arch, norm=norm, width=0.125, in_channels=1, **kw)  # type: ignore[arg-type]
 
 

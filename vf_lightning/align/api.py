@@ -18,7 +18,7 @@ from vf_lightning.align.results import AlignmentResult, GroupTransform
 from vf_lightning.align.spec import PermutationSpec, build_permutation_spec
 from vf_lightning.align.statistics import GroupStats, activation_statistics, cross_correlation
 from vf_lightning.align.transforms import cca_transform, zipit_transform
-from vf_lightning.align.weight_matching import solve_lap, weight_matching
+from vf_lightning.align.weight_matching import head_sets, solve_assignments, weight_matching
 from vf_lightning.registry import Registry
 from vf_lightning.stats import Moments, batch_inputs, model_device
 
@@ -70,9 +70,15 @@ def weight_matcher(model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec
                            seed=seed)
 
 
-def perms_from_stats(stats: GroupStats) -> dict[str, torch.Tensor]:
-    """One LAP per group on the A-vs-B correlation: ``perm[i]`` = unit of B matched to unit ``i`` of A."""
-    return {name: solve_lap(cross_correlation(st)) for name, st in stats.items()}
+def perms_from_stats(stats: GroupStats, spec: PermutationSpec) -> dict[str, torch.Tensor]:
+    """One LAP per group on the A-vs-B correlation (``perm[i]`` = unit of B matched to unit ``i`` of A); the groups
+    of an attention head set share one head assignment (:func:`solve_assignments`)."""
+    perms: dict[str, torch.Tensor] = {}
+    for unit in head_sets(spec):
+        groups = [spec.groups[i] for i in unit]
+        for g, p in zip(groups, solve_assignments(groups, [cross_correlation(stats[g.name]) for g in groups])):
+            perms[g.name] = p
+    return perms
 
 
 @register_matcher("activation")
@@ -84,13 +90,17 @@ def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: Permutatio
     if stats is None:
         stats = activation_statistics(model_a, model_b, spec, _need_loader("activation", loader),
                                       max_samples=max_samples, precision=precision)
-    perms = perms_from_stats(stats)
+    perms = perms_from_stats(stats, spec)
     objective = float(sum(cross_correlation(stats[k])[torch.arange(p.numel()), p].sum() for k, p in perms.items()))
     return AlignmentResult(method="activation", spec=spec, perms=perms, objective=objective, sweeps=1)
 
 
 def _full_stats(method: str, model_a: nn.Module, model_b: nn.Module, spec: PermutationSpec,
                 loader: Iterable[object] | None, max_samples: int | None, stats: GroupStats | None) -> GroupStats:
+    heads = [g.name for g in spec.groups if g.heads > 1]
+    if heads:
+        raise ValueError(f"matching {method!r} does not handle attention-head groups ({', '.join(heads[:3])}"
+                         f"{', …' if len(heads) > 3 else ''}); use matching 'weight' or 'activation' for Transformers")
     if stats is None:
         return activation_statistics(model_a, model_b, spec, _need_loader(method, loader), full=True,
                                      max_samples=max_samples)

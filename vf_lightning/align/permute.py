@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -21,8 +21,15 @@ def expand_index(perm: torch.Tensor, inner: int) -> torch.Tensor:
 
 
 def permute_axis(t: torch.Tensor, ax: PermAxis, perm: torch.Tensor) -> torch.Tensor:
-    """``t`` re-indexed along ``ax.axis`` so that unit ``i`` becomes old unit ``perm[i]``."""
-    return t.index_select(ax.axis, expand_index(perm.to(t.device), ax.inner))
+    """``t`` re-indexed along ``ax.axis`` so that unit ``i`` becomes old unit ``perm[i]`` (only the axis's span)."""
+    idx = expand_index(perm.to(t.device), ax.inner)
+    n = t.shape[ax.axis]
+    offset, length = ax.span(n)
+    if length != n:
+        full = torch.arange(n, device=t.device)
+        full[offset:offset + length] = idx + offset
+        idx = full
+    return t.index_select(ax.axis, idx)
 
 
 def identity_perms(spec: PermutationSpec) -> Perms:
@@ -30,10 +37,24 @@ def identity_perms(spec: PermutationSpec) -> Perms:
     return {g.name: torch.arange(g.size) for g in spec.groups}
 
 
+def head_perm(head_order: torch.Tensor, within: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The unit permutation of a head-split group: unit ``(h, i)`` ← ``(head_order[h], within[h][i])``."""
+    d = within[0].numel()
+    return torch.cat([int(head_order[h]) * d + within[h] for h in range(head_order.numel())])
+
+
 def random_perms(spec: PermutationSpec, seed: int = 0) -> Perms:
-    """A random permutation of every group, reproducible from ``seed``."""
+    """A random permutation of every group (block-structured for attention heads), reproducible from ``seed``."""
     gen = torch.Generator().manual_seed(seed)
-    return {g.name: torch.randperm(g.size, generator=gen) for g in spec.groups}
+    heads: dict[str, torch.Tensor] = {}
+    out: Perms = {}
+    for g in spec.groups:
+        if g.heads > 1:
+            order = heads.setdefault(g.head_set, torch.randperm(g.heads, generator=gen))
+            out[g.name] = head_perm(order, [torch.randperm(g.head_dim, generator=gen) for _ in range(g.heads)])
+        else:
+            out[g.name] = torch.randperm(g.size, generator=gen)
+    return out
 
 
 def invert_perm(perm: torch.Tensor) -> torch.Tensor:

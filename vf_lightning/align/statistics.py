@@ -228,6 +228,20 @@ def _key(s: Site) -> SiteKey:
     return (s.module, s.call, s.port)
 
 
+SliceKey = tuple[str, int, str, int, int]  # a site and the channel span [offset, offset + length) of its features
+
+
+def _slice_key(s: Site) -> SliceKey:
+    return (s.module, s.call, s.port, s.offset, s.length)
+
+
+def _channels(t: torch.Tensor, offset: int, length: int) -> torch.Tensor:
+    """Channels ``[offset, offset + length)`` of an activation (all of them when ``length`` is 0)."""
+    if not length:
+        return t
+    return t.narrow(channel_layout(t)[0], offset, length)
+
+
 _PRECISIONS = {None: None, "native": None, "float32": torch.float32, "float64": torch.float64}
 
 
@@ -251,14 +265,17 @@ def activation_statistics(
     if precision not in _PRECISIONS:
         raise ValueError(f"precision must be None, 'native', 'float64' or 'float32', got {precision!r}")
     dtype = _PRECISIONS[precision]
-    site_groups: dict[SiteKey, list[str]] = {}
+    site_groups: dict[SliceKey, list[str]] = {}
     for g in spec.groups:
         sites = g.activation_sites
         if not sites:
             raise ValueError(f"group {g.name!r} has no site whose output can be recorded; activation matching "
                              "needs a module output (e.g. an nn.ReLU) in each group")
         for s in sites:
-            site_groups.setdefault(_key(s), []).append(g.name)
+            site_groups.setdefault(_slice_key(s), []).append(g.name)
+    slices: dict[SiteKey, list[SliceKey]] = {}
+    for sk in site_groups:
+        slices.setdefault(sk[:3], []).append(sk)  # type: ignore[arg-type]
     device = model_device(model_a)
     stats: GroupStats = {
         g.name: Moments(2 * g.size, outer=True, device=device) if full else CrossMoments(g.size, g.size, device)
@@ -267,15 +284,20 @@ def activation_statistics(
     modes = (model_a.training, model_b.training)
     model_a.eval()
     model_b.eval()
-    keys = list(site_groups)
     try:
         rec = _PairRecorder(dtype, full)
-        with _hook_sites(model_a, keys, partial(rec.take, 0)), _hook_sites(model_b, keys, partial(rec.take, 1)):
+
+        def take(side: int, k: SiteKey, t: torch.Tensor) -> None:
+            for sk in slices[k]:
+                rec.take(side, sk, _channels(t, sk[3], sk[4]))  # type: ignore[arg-type]
+
+        keys = list(slices)
+        with _hook_sites(model_a, keys, partial(take, 0)), _hook_sites(model_b, keys, partial(take, 1)):
             for x in iter_inputs(loader, device, max_samples):
                 model_a(x)
                 model_b(x)
                 for k, names in site_groups.items():
-                    pb = rec.batch(k)
+                    pb = rec.batch(k)  # type: ignore[arg-type]
                     for name in names:
                         pb.add_to(stats[name])
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -25,6 +26,12 @@ Maps = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 def mix_axis(t: torch.Tensor, ax: PermAxis, mat: torch.Tensor) -> torch.Tensor:
     """``t`` with unit axis ``ax`` replaced by ``mat @ units`` (blocks of ``inner`` entries move together)."""
+    offset, length = ax.span(t.shape[ax.axis])
+    if length != t.shape[ax.axis]:  # a chunk of the axis (e.g. the q rows of a fused qkv projection)
+        out = t.clone()
+        out.narrow(ax.axis, offset, length).copy_(mix_axis(t.narrow(ax.axis, offset, length), replace(ax, offset=0,
+                                                                                                    length=0), mat))
+        return out
     n = mat.shape[1]
     moved = t.movedim(ax.axis, 0)
     shape = moved.shape

@@ -5,6 +5,10 @@ groups sharing a parameter with it; a group none of whose neighbours changed sin
 get the same assignment again, so it is skipped; of a group that is solved, only the cost terms of parameters
 whose other permutations changed are recomputed. Cost matrices are built on the models' device, the LAP is
 solved on CPU.
+
+Attention groups split into heads (:attr:`PermGroup.heads`) are solved together with the other groups of their
+head set (:func:`solve_assignments`): for every pair of heads the within-head LAPs of each group, then one LAP
+over heads on the summed within-head optima, which is exact for block-structured permutations.
 """
 
 from __future__ import annotations
@@ -16,20 +20,62 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from vf_lightning.align.permute import Perms, expand_index, identity_perms, invert_perm, permute_state_dict
+from vf_lightning.align.permute import Perms, head_perm, identity_perms, invert_perm, permute_axis, permute_state_dict
 from vf_lightning.align.results import AlignmentResult
-from vf_lightning.align.spec import PermAxis, PermutationSpec
+from vf_lightning.align.spec import PermAxis, PermGroup, PermutationSpec
 
 
 def _mat(t: torch.Tensor, ax: PermAxis, size: int) -> torch.Tensor:
-    """``t`` with ``ax`` moved to the front, as ``size × rest`` (blocks of ``inner`` stay with their unit)."""
-    return t.movedim(ax.axis, 0).reshape(size, -1)
+    """The units of ``ax`` in ``t`` (its span of the axis) moved to the front, as ``size × rest``."""
+    offset, length = ax.span(t.shape[ax.axis])
+    return t.narrow(ax.axis, offset, length).movedim(ax.axis, 0).reshape(size, -1)
 
 
 def solve_lap(cost: torch.Tensor) -> torch.Tensor:
     """Column index per row maximising ``Σ cost[i, col[i]]`` (scipy, on CPU in float64)."""
     _, col = linear_sum_assignment(cost.detach().cpu().to(torch.float64).numpy(), maximize=True)
     return torch.from_numpy(np.asarray(col, dtype=np.int64))
+
+
+def head_sets(spec: PermutationSpec) -> list[list[int]]:
+    """Indices of the groups solved together: each head set, and every other group on its own (graph order)."""
+    units: list[list[int]] = []
+    where: dict[str, int] = {}
+    for gi, g in enumerate(spec.groups):
+        if g.heads > 1:
+            if g.head_set not in where:
+                where[g.head_set] = len(units)
+                units.append([])
+            units[where[g.head_set]].append(gi)
+        else:
+            units.append([gi])
+    return units
+
+
+def solve_assignments(groups: list[PermGroup], costs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The permutation of each group maximising ``Σ cost[i, perm[i]]``; groups of one head set share their heads.
+
+    A single plain group is one LAP. For a head set: ``V[h, h'] = Σ_groups`` (optimal within-head assignment of
+    head ``h`` of A to head ``h'`` of B), one LAP over heads on ``V``, then each group's within-head assignments.
+    """
+    if len(groups) == 1 and groups[0].heads == 1:
+        return [solve_lap(costs[0])]
+    heads = groups[0].heads
+    if any(g.heads != heads for g in groups):
+        raise ValueError(f"groups {[g.name for g in groups]} share a head set but not a head count")
+    total = torch.zeros(heads, heads, dtype=torch.float64)
+    within: list[list[list[torch.Tensor]]] = []
+    for g, cost in zip(groups, costs):
+        c = cost.detach().cpu().to(torch.float64)
+        d = g.head_dim
+        blocks = c.reshape(heads, d, heads, d).permute(0, 2, 1, 3)  # [h, h', i, j]
+        sol = [[solve_lap(blocks[h, k]) for k in range(heads)] for h in range(heads)]
+        for h in range(heads):
+            for k in range(heads):
+                total[h, k] += blocks[h, k][torch.arange(d), sol[h][k]].sum()
+        within.append(sol)
+    order = solve_lap(total)
+    return [head_perm(order, [sol[h][int(order[h])] for h in range(heads)]) for sol in within]
 
 
 def axis_dependencies(spec: PermutationSpec) -> list[list[set[int]]]:
@@ -76,7 +122,7 @@ def weight_matching(
     # B with every current permutation applied; updated in place per solved group
     cur_b = permute_state_dict({k: state_b[k].detach().to(dev, torch.float32) for k in keys}, spec,
                                {k: v.to(dev) for k, v in perms.items()})
-    a_mats = {(ax.key, ax.axis): _mat(a[ax.key], ax, g.size) for g in spec.groups for ax in g.axes}
+    a_mats = {(ax.key, ax.axis, ax.offset): _mat(a[ax.key], ax, g.size) for g in spec.groups for ax in g.axes}
     a_flat = {k: a[k].reshape(-1).double() for k in keys}
     deps = axis_dependencies(spec)
     changed_at = [-1] * len(spec.groups)  # step of each group's last permutation change
@@ -96,38 +142,43 @@ def weight_matching(
         g = spec.groups[gi]
         ax = g.axes[ai]
         t = torch.empty(g.size, g.size, dtype=torch.float64, device=dev)
-        t[:, old_dev] = (a_mats[(ax.key, ax.axis)] @ _mat(cur_b[ax.key], ax, g.size).t()).double()
+        t[:, old_dev] = (a_mats[(ax.key, ax.axis, ax.offset)] @ _mat(cur_b[ax.key], ax, g.size).t()).double()
         terms[(gi, ai)] = (t, step)
         return t
 
     history = [objective()]
+    units = head_sets(spec)
     sweeps = 0
     for _ in range(max_sweeps):
         sweeps += 1
         progress = False
-        for gi in torch.randperm(len(spec.groups), generator=gen).tolist():
+        for ui in torch.randperm(len(units), generator=gen).tolist():
             step += 1
-            if skip_unchanged and solved_at[gi] > 0 and all(changed_at[n] < solved_at[gi]
-                                                            for n in set().union(*deps[gi])):
+            unit = units[ui]
+            if skip_unchanged and all(solved_at[gi] > 0 and all(changed_at[n] < solved_at[gi]
+                                                                for n in set().union(*deps[gi])) for gi in unit):
                 continue
-            solved_at[gi] = step
-            g = spec.groups[gi]
-            old = perms[g.name]
-            old_dev = old.to(dev)
-            cost = torch.zeros(g.size, g.size, dtype=torch.float64, device=dev)
-            for ai in range(len(g.axes)):
-                cost += term(gi, ai, old_dev)  # cost[i, j] = <A_i, B_j> in B's original unit order
-            cost_cpu = cost.cpu()
-            new = solve_lap(cost_cpu)
-            old_l = float(cost_cpu[torch.arange(g.size), old].sum())
-            new_l = float(cost_cpu[torch.arange(g.size), new].sum())
+            groups = [spec.groups[gi] for gi in unit]
+            costs = []
+            for gi, g in zip(unit, groups):
+                solved_at[gi] = step
+                old_dev = perms[g.name].to(dev)
+                cost = torch.zeros(g.size, g.size, dtype=torch.float64, device=dev)
+                for ai in range(len(g.axes)):
+                    cost += term(gi, ai, old_dev)  # cost[i, j] = <A_i, B_j> in B's original unit order
+                costs.append(cost.cpu())
+            news = solve_assignments(groups, costs)
+            rows = [torch.arange(g.size) for g in groups]
+            old_l = sum(float(c[r, perms[g.name]].sum()) for g, c, r in zip(groups, costs, rows))
+            new_l = sum(float(c[r, n].sum()) for c, r, n in zip(costs, rows, news))
             if new_l > old_l + tol:
                 progress = True
-                changed_at[gi] = step
-                rel = invert_perm(old)[new].to(dev)
-                for ax in g.axes:
-                    cur_b[ax.key] = cur_b[ax.key].index_select(ax.axis, expand_index(rel, ax.inner))
-                perms[g.name] = new
+                for gi, g, new in zip(unit, groups, news):
+                    changed_at[gi] = step
+                    rel = invert_perm(perms[g.name])[new].to(dev)
+                    for ax in g.axes:
+                        cur_b[ax.key] = permute_axis(cur_b[ax.key], ax, rel)
+                    perms[g.name] = new
         if not progress:  # nothing changed: the objective is the last one
             history.append(history[-1])
             break

@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +74,17 @@ class PFMError(ValueError):
 class PFMLayout:
     """Which feature spaces exist, their preservation order, and how each conv/linear connects them.
 
-    ``layers`` are spec group names in preservation order; ``out_group`` / ``in_group`` give each conv/linear
-    module's output / input group (``None`` = fixed basis: the model input or output).
+    ``layers`` are feature spaces in preservation order, named by a spec group; ``members`` lists a layer's groups
+    when it has several (the groups of one attention head set, written by one fused projection, are preserved
+    or merged together); ``out_group`` / ``in_group`` give each conv/linear module's output / input group
+    (``None`` = fixed basis: the model input or output).
     """
 
     layers: tuple[str, ...]
     out_group: dict[str, str | None]
     in_group: dict[str, str | None]
     outputs: tuple[str, ...]
+    members: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def max_preserved(self) -> int:
@@ -91,7 +94,7 @@ class PFMLayout:
     def unmerged(self, preserved: int) -> set[str]:
         """Groups kept unmerged with ``preserved`` layers: the first ``preserved − 1``."""
         self.check(preserved)
-        return set(self.layers[: max(preserved - 1, 0)])
+        return {g for layer in self.layers[: max(preserved - 1, 0)] for g in self.members.get(layer, (layer,))}
 
     def transitions(self, preserved: int) -> list[str]:
         """Conv/linear modules writing a merged space from an unmerged input (empty for ``preserved = 0``)."""
@@ -138,13 +141,22 @@ def pfm_layout(spec: PermutationSpec, graph: ModelGraph) -> PFMLayout:
     if shared:
         raise PFMError(f"conv/linear module(s) {shared} are called more than once per forward; PFM cannot cut a "
                        "graph at a shared layer")
-    layers = tuple(sorted(position, key=lambda g: position[g]))
+    members: dict[str, tuple[str, ...]] = {}
+    for g in spec.groups:  # one layer per attention head set, at its last writer
+        if g.heads > 1:
+            members[g.head_set] = members.get(g.head_set, ()) + (g.name,)
+    folded = {g: layer for layer, gs in members.items() for g in gs}
+    layer_pos: dict[str, int] = {}
+    for name, pos in position.items():
+        layer = folded.get(name, name)
+        layer_pos[layer] = max(layer_pos.get(layer, pos), pos)
+    layers = tuple(sorted(layer_pos, key=lambda g: layer_pos[g]))
     out_group = {m: owner_out.get(m) for m in affine}
     in_group = {m: owner_in.get(m) for m in affine}
     outputs = tuple(graph.output_layers)
     if not outputs:
         raise PFMError("no output layer found (a conv/linear from which the model output is reached directly)")
-    return PFMLayout(layers, out_group, in_group, outputs)
+    return PFMLayout(layers, out_group, in_group, outputs, {k: v for k, v in members.items() if len(v) > 1})
 
 
 def _identity_maps(spec: PermutationSpec, device: torch.device) -> Maps:
@@ -174,8 +186,7 @@ def _suffix_graph(graph: fx.Graph, transitions: Sequence[str], flatten: Sequence
             continue
         if node.op == "call_module" and str(node.target) in index:
             i = index[str(node.target)]
-            mixed = new.call_module(str(node.target), (extra[i],))
-            env[node] = new.call_method("flatten", (mixed, 1)) if flatten[i] else mixed
+            env[node] = new.call_module(str(node.target), (extra[i],))
         else:
             env[node] = new.node_copy(node, lambda n: env[n])
     return new
@@ -191,11 +202,23 @@ def _graph_module(root: nn.Module, graph: fx.Graph) -> fx.GraphModule:
     return gm
 
 
+class LinearPairMixer(nn.Module):
+    """The mixer of a Linear transition: features on the last dim (``N×2C`` or ``N×L×2C`` tokens) fed to the
+    grouped 1×1 ``conv`` as ``M×2C×1×1`` and shaped back, so the correction sites see an ordinary conv."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x.reshape(-1, x.shape[-1], 1, 1))
+        return y.reshape(*x.shape[:-1], y.shape[1])
+
+
 def _mixer(layer: nn.Module) -> nn.Module:
     """Averages an interleaved pair ``[y_A0, y_B0, y_A1, …]`` per channel: grouped 1×1 conv, weights ``(½, ½)``.
 
-    Conv layers get a mixer of the same dimensionality; Linear layers a 2-d one (their ``N×C`` outputs are
-    fed as ``N×2C×1×1`` and flattened back).
+    Conv layers get a mixer of the same dimensionality; Linear layers a 2-d one inside a :class:`LinearPairMixer`.
     """
     if isinstance(layer, nn.Linear):
         conv: type[nn.Module] = nn.Conv2d
@@ -209,7 +232,8 @@ def _mixer(layer: nn.Module) -> nn.Module:
     mixer = conv(2 * channels, channels, 1, groups=channels, bias=False)  # type: ignore[call-arg]
     with torch.no_grad():
         mixer.weight.fill_(0.5)  # type: ignore[operator]
-    return mixer.to(device=w.device, dtype=w.dtype)
+    mixer = mixer.to(device=w.device, dtype=w.dtype)
+    return LinearPairMixer(mixer) if isinstance(layer, nn.Linear) else mixer
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -248,16 +272,27 @@ class PFMModel(nn.Module):
         ya, yb = self.a(x), self.b(x)
         pairs = []
         for i, flat in enumerate(self.flatten):
-            pair = torch.stack([ya[i], yb[i]], 2).flatten(1, 2)  # channels interleaved A0, B0, A1, B1, ...
-            pairs.append(pair[:, :, None, None] if flat else pair)
+            if flat:  # Linear outputs: features on the last dim, interleaved A0, B0, A1, B1, ...
+                pairs.append(torch.stack([ya[i], yb[i]], -1).flatten(-2))
+            else:  # conv outputs: channels (dim 1) interleaved
+                pairs.append(torch.stack([ya[i], yb[i]], 2).flatten(1, 2))
         return self.merged(x, *pairs)
 
     def merged_sites(self, sites: Sequence[str] | None = None) -> list[str]:
         """Conv/linear outputs of the merged part (transitions included, output layers excluded), PFM names;
         with ``sites`` (base-model correction sites) only those."""
+        return [site for site, _ in self.merged_site_layers(sites)]
+
+    def merged_site_layers(self, sites: Sequence[str] | None = None) -> list[tuple[str, str]]:
+        """``(PFM site, base-model layer)`` of :meth:`merged_sites` (a Linear transition's site is its mixer's conv)."""
         keep = None if sites is None else set(sites)
-        return [f"merged.{n}" for n, m in self.merged.named_modules()
-                if isinstance(m, AFFINE_TYPES) and n not in self.outputs and (keep is None or n in keep)]
+        mixers = {n for n, m in self.merged.named_modules() if isinstance(m, LinearPairMixer)}
+        found = []
+        for n, m in self.merged.named_modules():
+            layer = n.removesuffix(".conv") if n.removesuffix(".conv") in mixers else n
+            if isinstance(m, AFFINE_TYPES) and layer not in self.outputs and (keep is None or layer in keep):
+                found.append((f"merged.{n}", layer))
+        return found
 
     def merged_batchnorms(self) -> list[str]:
         """BatchNorm layers of the merged part (the ones RESET re-estimates), PFM names."""
@@ -421,8 +456,7 @@ def max_preserved(model: nn.Module, example_input: torch.Tensor, spec: Permutati
 def pfm_goals_for(goals: Goals, pfm: PFMModel, sites: Sequence[str] | None = None) -> Goals:
     """``goals`` keyed by base-model module names, renamed to the merged-part sites of ``pfm``."""
     mean, std = {}, {}
-    for site in pfm.merged_sites(sites):
-        name = site[len("merged."):]
+    for site, name in pfm.merged_site_layers(sites):
         if name not in goals.mean:
             raise KeyError(f"no goal statistics for {name!r}; compute goals over every conv/linear layer "
                            "(PreserveFirstMerger.goals)")

@@ -13,6 +13,8 @@ from vf_lightning.registry import Registry
 
 Norm = Literal["none", "bn", "ln", "fixup"]
 Init = Literal["default", "vgg_init", "lecun_normal"]
+Pool = Literal["cls", "mean"]
+Attention = Literal["qkv", "sdpa", "mha"]
 
 Builder = Callable[["ModelConfig"], nn.Module]
 _REGISTRY: Registry[Builder] = Registry("model")
@@ -51,6 +53,16 @@ class ModelConfig:
     hidden: tuple[int, ...] = field(default=(512, 512))
     image_size: int = 32
     init: Init = "default"
+    # Vision Transformer (``vit``): patch size, token width, blocks, heads, MLP hidden = mlp_ratio·dim, pooling
+    # (class token or mean over tokens) and how attention is written (fused qkv Linear + matmul, the same with
+    # F.scaled_dot_product_attention, or nn.MultiheadAttention)
+    patch: int = 4
+    dim: int = 64
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 2.0
+    pool: Pool = "cls"
+    attention: Attention = "qkv"
 
     def __post_init__(self) -> None:
         if self.arch not in _REGISTRY:
@@ -61,6 +73,8 @@ class ModelConfig:
             raise ValueError(f"model {self.arch!r}: num_classes, in_channels and image_size must be positive")
         if self.width <= 0:
             raise ValueError(f"model {self.arch!r}: width multiplier must be > 0, got {self.width}")
+        if min(self.patch, self.dim, self.depth, self.heads) < 1 or self.mlp_ratio <= 0:
+            raise ValueError(f"model {self.arch!r}: patch, dim, depth, heads and mlp_ratio must be positive")
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
 
     def to_dict(self) -> dict[str, Any]:

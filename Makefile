@@ -48,13 +48,14 @@ MULTITASK_ARGS ?=
 MT_NONLOCAL := task0:0,1,2:a task1:3,4,5:a task2:6,7:b task3:8,9:b
 MT_LOCAL := task0:0,1,2:a task1:3,4,5:a task2:6,7:a task3:8,9:a
 
-# $(call mt_experts,SETTING,FIT_CONFIG,SPEC_VARIABLE): train the missing experts of SETTING (seed 10 + index)
+# $(call mt_experts,SETTING,FIT_CONFIG,SPEC_VARIABLE): train the missing experts of SETTING (seed 10 + index), each
+# in its own run directory (vf fit refuses a second run in one directory)
 define mt_experts
 	@i=0; for spec in $($(3)); do \
 	  IFS=: read -r task classes f <<< "$$spec"; out=$(MT_OUT)/$(1)/$$task.pt; seed=$$((10 + i)); i=$$((i + 1)); \
 	  if [ -f $$out ]; then echo "reusing $$out"; continue; fi; \
 	  echo "training $(1) expert $$task (classes $$classes, foundation $$f) -> $$out"; \
-	  $(VF) fit --config configs/fit/$(2).yaml --seed_everything=$$seed \
+	  $(VF) fit --config configs/fit/$(2).yaml --seed_everything=$$seed --trainer.default_root_dir=$(MT_OUT)/$(1)/$$task \
 	    --model.init_args.task=$$task --model.init_args.classes="[$$classes]" --data.init_args.classes="[$$classes]" \
 	    --model.init_args.net.num_classes=$$(tr ',' ' ' <<< "$$classes" | wc -w) \
 	    --model.init_args.foundation=$(MT_OUT)/foundation_$$f/last.ckpt --model.init_args.foundation_name=$$f \

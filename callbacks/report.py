@@ -25,7 +25,7 @@ from vf_lightning.diagnostics import (
     report_title,
     write_report_html,
 )
-from vf_lightning.io import atomic_write_json, check_writable, clean_stale, publish_dir, staging_dir
+from vf_lightning.io import atomic_write_bytes, atomic_write_json, check_writable, clean_stale, publish_dir, staging_dir
 from vf_lightning.merge.pfm import PFMModel, save_pfm
 
 from .base import RunReport, run_report, session_timing, table, wandb_run
@@ -37,7 +37,8 @@ PLOT_FILES = ("lmc.png", "variance_ratio.png", "vf.png", "accuracy.png", "normal
 def owned_by_writer(name: str) -> bool:
     """Whether a top-level entry of ``out_dir`` belongs to the set ReportWriter writes (replaced as a whole);
     other entries (configs, logs, the user's files) are kept across runs."""
-    return name in ("report.json", "report.html") or name in PLOT_FILES or name in CHECKPOINT_FILES.values()
+    return (name in ("report.json", "report.html", "config.yaml") or name in PLOT_FILES
+            or name in CHECKPOINT_FILES.values())  # fmt: skip
 
 
 def jsonable(obj: Any) -> Any:
@@ -126,6 +127,7 @@ class ReportWriter(Callback):
         self.plots = plots
         self.summary = summary
         self.run_config: dict[str, Any] = {}  # set by the CLI: the resolved configuration of the run
+        self.config_yaml: str | None = None  # set by the CLI: the same as LightningCLI YAML (config.yaml)
         self.report: dict[str, Any] | None = None  # the last report written
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -222,6 +224,8 @@ class ReportWriter(Callback):
                 save_pfm(model, path, config, meta=meta)  # type: ignore[arg-type]
             else:
                 save_model_checkpoint(model, config, path, meta=meta)  # type: ignore[arg-type]
+        if self.config_yaml is not None:
+            atomic_write_bytes(self.config_yaml.encode("utf-8"), stage / "config.yaml")
         atomic_write_json(report, stage / "report.json")
         write_report_html(report, stage)
 

@@ -24,12 +24,14 @@ def test_ddp_pair_fit_on_two_cpu_processes_ends_with_identical_weights(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [(tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1)]
-    (before0, after0, acc_a0, acc_b0, world), (before1, after1, acc_a1, acc_b1, _) = rows
+    (before0, after0, acc_a0, acc_b0, world, train0), (before1, after1, acc_a1, acc_b1, _, train1) = rows
     assert world == "2"
     assert before0 == before1  # same initialization on both ranks
     assert after0 == after1  # gradients all-reduced: identical weights after training
     assert after0 != before0  # and it did train
     assert acc_a0 == acc_a1 and acc_b0 == acc_b1  # validation metrics synced across ranks
+    assert train0 == train1  # epoch-level training metrics reduced over ranks (each rank saw other batches)
+    assert "sync_dist" not in proc.stderr  # Lightning's warning about unsynced epoch-level metrics
     assert float(acc_a0) > 0.3 and float(acc_b0) > 0.3
 
 

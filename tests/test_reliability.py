@@ -6,6 +6,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -192,7 +196,7 @@ def test_publish_replaces_the_set_keeps_other_files_and_cleans_killed_runs(tmp_p
     out.mkdir()
     (out / "report.json").write_text("old")
     (out / "lmc.png").write_text("old plot")  # of the old set only: must not sit beside the new report
-    (out / "config.yaml").write_text("config")
+    (out / "settings.yaml").write_text("the user's")
     (out / "logs").mkdir()
     (out / "logs" / "metrics.csv").write_text("m")
     (out / ".report.json.x1.tmp").write_text("half")  # an interrupted atomic write
@@ -206,7 +210,7 @@ def test_publish_replaces_the_set_keeps_other_files_and_cleans_killed_runs(tmp_p
     (stage / "report.json").write_text("new")
     (stage / "merged.pt").write_text("new model")
     publish_dir(stage, out, owned)
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "logs", "merged.pt", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["logs", "merged.pt", "report.json", "settings.yaml"]
     assert (out / "report.json").read_text() == "new" and (out / "logs" / "metrics.csv").read_text() == "m"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     # killed between the two renames: the old directory waits as out.old-<pid> and comes back
@@ -371,14 +375,24 @@ def test_unknown_names_bad_alpha_and_flag_typos_fail_in_one_line_before_any_work
     assert not (tmp_path / "o").exists()
 
 
-def test_typo_in_a_nested_key_fails_before_any_work_naming_it(
-    ckpts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], no_data_work: None
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["merge", "--data.pad_to32", "true"], ["data.init_args.pad_to32 is not an option of FashionMNISTDataModule",
+                                                "did you mean data.init_args.pad_to_32?"]),
+        (["fit", "--model.init_args.optim.lrr", "0.1"], ["model.init_args.optim.lrr", "did you mean "
+                                                         "model.init_args.optim.lr?"]),
+        (["fit", "--model.init_args.net.width", "wide"], ["model.init_args.net.width", "float", "wide"]),
+    ],
+)
+def test_typo_in_a_nested_key_fails_in_one_line_naming_it_with_the_closest_option(
+    args: list[str], needles: list[str], ckpts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    no_data_work: None,
 ) -> None:
-    """jsonargparse's message for a nested key spans several lines (issue 14 item 7), but names the key."""
-    with pytest.raises(SystemExit) as e:
-        main(["merge", "--checkpoints", json.dumps([str(ckpts["a"]), str(ckpts["b"])]), "--data.pad_to32", "true"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "pad_to32" in err and "Traceback" not in err
+    """jsonargparse's several-line message for a nested key (issue 14 item 7) becomes one line with the full key."""
+    where = (["--checkpoints", json.dumps([str(ckpts["a"]), str(ckpts["b"])])] if args[0] == "merge"
+             else ["--config", str(_fit_config(tmp_path))])  # fmt: skip
+    _fails_in_one_line([args[0], *where, *args[1:]], capsys, *needles)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -488,6 +502,10 @@ def test_diagnostic_callback_state_round_trips_and_is_kept_per_callback() -> Non
         (["--model.init_args.optim.lr", "-0.1"], ["optim.lr", "must be > 0", "-0.1"]),
         (["--trainer.max_epochs", "-3"], ["trainer.max_epochs must be ≥ 0", "-3"]),
         (["--ckpt_path", "NOFILE"], ["ckpt_path", "does not exist"]),
+        (["--ckpt_path", "CUTCKPT"], ["ckpt_path", "cut.ckpt", "damaged or truncated"]),
+        (["--ckpt_path", "NOTCKPT"], ["ckpt_path", "not.ckpt", "weights_only"]),
+        (["--data.init_args.data_dir", "DAMAGED"], ["dataset file", "images-idx3-ubyte.gz", "is damaged",
+                                                    "make data"]),
         (["--data.init_args.data_dir", "EMPTY"], ["dataset 'fashion_mnist' not found", "How to get it"]),
         (["--model.init_args.export_dir", "AFILE"], ["model.init_args.export_dir", "is a file"]),
     ],
@@ -501,10 +519,38 @@ def test_fit_configuration_errors_are_one_line(
         monkeypatch.setitem(data_sources.SYSTEM_DIRS, "fashion_mnist", [])
         monkeypatch.delenv("VF_DATA_DIR", raising=False)
     (tmp_path / "afile").write_text("x")
-    subst = {"NOFILE": str(tmp_path / "no.ckpt"), "EMPTY": str(tmp_path / "empty"), "AFILE": str(tmp_path / "afile")}
+    (tmp_path / "cut.ckpt").write_bytes(_pair_checkpoint_bytes()[:5000])  # a checkpoint cut short
+    (tmp_path / "not.ckpt").write_bytes(b"not a checkpoint\n")
+    if "DAMAGED" in args:  # the Fashion-MNIST files, image files cut short
+        (tmp_path / "damaged").mkdir()
+        for f in fmnist.glob("*-ubyte.gz"):
+            data = f.read_bytes()
+            (tmp_path / "damaged" / f.name).write_bytes(data[: len(data) // 2] if "images" in f.name else data)
+    subst = {"NOFILE": str(tmp_path / "no.ckpt"), "EMPTY": str(tmp_path / "empty"), "AFILE": str(tmp_path / "afile"),
+             "CUTCKPT": str(tmp_path / "cut.ckpt"), "NOTCKPT": str(tmp_path / "not.ckpt"),
+             "DAMAGED": str(tmp_path / "damaged")}  # fmt: skip
     args = [subst.get(a, a) for a in args]
     _fails_in_one_line(["fit", "--config", str(_fit_config(tmp_path)), *args], capsys, *needles)
     assert not (tmp_path / "run/checkpoints").exists()
+
+
+def _pair_checkpoint_bytes() -> bytes:
+    """A Lightning-style checkpoint (zip archive) of some size, for cutting short."""
+    buf = io.BytesIO()
+    torch.save({"state_dict": build_model(CFG).state_dict(), "hyper_parameters": {}}, buf)
+    return buf.getvalue()
+
+
+def test_damaged_cifar_batch_file_is_named(tmp_path: Path) -> None:
+    from vf_lightning.data import CIFAR10DataModule, DataFileError
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+                 "batches.meta"):  # fmt: skip
+        (folder / name).write_bytes(b"garbage")
+    with pytest.raises(DataFileError, match="data_batch_1.* MD5"):
+        CIFAR10DataModule(data_dir=str(tmp_path), num_workers=0).setup("fit")
 
 
 def test_optim_config_refuses_bad_values() -> None:
@@ -514,3 +560,155 @@ def test_optim_config_refuses_bad_values() -> None:
         OptimConfig(weight_decay=-1e-4)
     with pytest.raises(ValueError, match="calib_samples must be ≥ 1"):
         FashionMNISTDataModule(calib_samples=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9. one run directory per run, derived from one setting; reruns are refused without --overwrite
+
+
+def _run_config(tmp_path: Path) -> Path:
+    """A tiny `vf fit` recipe that spells no output path (as configs/fit/*.yaml): CSV logs, last.ckpt, a
+    LearningRateMonitor, a PairModule (exports net_a.pt / net_b.pt)."""
+    cfg = {
+        "seed_everything": 1,
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
+                    "enable_model_summary": False, "log_every_n_steps": 1,
+                    "logger": [{"class_path": "vf_lightning.loggers.CSVLogger"}],
+                    "callbacks": [
+                        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                         "init_args": {"filename": "last"}},
+                        {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}]},
+        "model": {"class_path": "vf_lightning.lit.PairModule", "init_args": {
+            "net": {"arch": "mlp", "in_channels": 1, "hidden": [16], "image_size": 28}, "optim": {"lr": 0.05}}},
+        "data": {"class_path": "vf_lightning.data.FashionMNISTDataModule", "init_args": {
+            "batch_size": 64, "num_workers": 0, "train_subset": 128, "val_subset": 64, "calib_samples": 16}},
+    }  # fmt: skip
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_fit_writes_one_run_directory_and_refuses_a_rerun_without_overwrite(
+    tmp_path: Path, fmnist: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = str(_run_config(tmp_path))
+    main(["fit", "--config", cfg])  # no path anywhere: the run directory is outputs/<config name>
+    run = tmp_path / "outputs/tiny"
+    assert {p.name for p in run.iterdir()} == {"config.yaml", "checkpoints", "csv", "net_a.pt", "net_b.pt"}
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]
+    assert (run / "csv/version_0/metrics.csv").is_file()
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["run_name"] == "tiny" and saved["trainer"]["default_root_dir"] == "outputs/tiny"
+    assert saved["model"]["init_args"]["export_dir"] == "outputs/tiny"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    exported = (run / "net_a.pt").stat().st_mtime_ns
+
+    # a rerun into the same directory: one line, before anything is built or written
+    _fails_in_one_line(["fit", "--config", cfg], capsys, "'outputs/tiny' already holds a run",
+                       "--ckpt_path outputs/tiny/checkpoints/last.ckpt", "--run_name", "--overwrite")  # fmt: skip
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+    # --overwrite replaces the earlier run (its files only); --trainer.logger false with a LearningRateMonitor
+    (run / "notes.txt").write_text("mine")
+    (run / "checkpoints/epoch=7.ckpt").write_bytes(b"old")
+    main(["fit", "--config", cfg, "--overwrite", "--trainer.logger", "false"])
+    assert {p.name for p in run.iterdir()} == {"config.yaml", "checkpoints", "net_a.pt", "net_b.pt", "notes.txt"}
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]
+    assert (run / "net_a.pt").stat().st_mtime_ns > exported  # written again (the same seeds: the same bytes)
+
+
+def test_run_name_and_root_dir_move_every_output_and_explicit_paths_are_kept(tmp_path: Path) -> None:
+    """resolve_run_dir on parsed configs: one setting moves the config, checkpoints, logs and exports; a W&B run is
+    named after the run; paths and names a recipe spells out stay (``--run_name`` renames the W&B run)."""
+    from jsonargparse import Namespace
+
+    from vf_lightning.cli import resolve_run_dir
+
+    def cfg(**top: Any) -> Namespace:
+        ns = Namespace(run_name=top.get("run_name"), trainer=Namespace(
+            default_root_dir=top.get("root"),
+            logger=[Namespace(class_path="vf_lightning.loggers.WandbLogger",
+                              init_args=Namespace(save_dir=top.get("wandb_dir"), name=top.get("wandb_name"))),
+                    Namespace(class_path="vf_lightning.loggers.CSVLogger", init_args=Namespace(save_dir=None,
+                                                                                             name="csv"))],
+            callbacks=[Namespace(class_path="lightning.pytorch.callbacks.ModelCheckpoint",
+                                 init_args=Namespace(dirpath=top.get("ckpt_dir"), filename="last"))]),
+            model=Namespace(class_path="vf_lightning.lit.PairModule", init_args=Namespace(export_dir=None)))
+        return ns  # fmt: skip
+
+    c = cfg(run_name="r1")
+    run = resolve_run_dir(c, c.trainer.default_root_dir, "recipe")
+    assert run.path == Path("outputs/r1") and c.trainer.default_root_dir == "outputs/r1"
+    assert c.trainer.logger[0].init_args.save_dir == "outputs/r1" and c.trainer.logger[0].init_args.name == "r1"
+    assert c.trainer.logger[1].init_args.save_dir == "outputs/r1"
+    assert c.trainer.callbacks[0].init_args.dirpath == "outputs/r1/checkpoints"
+    assert c.model.init_args.export_dir == "outputs/r1"
+    c = cfg(root=str(tmp_path / "sweep/abc"))  # a sweep agent's folder: the run is named after it
+    resolve_run_dir(c, c.trainer.default_root_dir, "recipe")
+    assert c.run_name == "abc" and c.trainer.logger[0].init_args.name == "abc"
+    c = cfg(wandb_dir="elsewhere", wandb_name="mine", ckpt_dir=str(tmp_path / "ck"))  # spelt out: kept
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck/last.ckpt").write_bytes(b"x")
+    run = resolve_run_dir(c, None, "recipe")
+    assert run.name == "recipe" and c.trainer.logger[0].init_args.save_dir == "elsewhere"
+    assert c.trainer.logger[0].init_args.name == "mine" and c.trainer.callbacks[0].init_args.dirpath == str(
+        tmp_path / "ck")
+    assert run.previous() == [tmp_path / "ck/last.ckpt"]  # an explicit checkpoint folder's files count too
+    c = cfg(run_name="given", wandb_name="mine")
+    resolve_run_dir(c, None, "recipe")
+    assert c.trainer.logger[0].init_args.name == "given"  # --run_name names the run everywhere
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. a real kill (SIGKILL) in the write phase leaves the old set or the new one, never a mix
+
+
+def _killed_merge(tmp_path: Path, repo: Path, config: Path, point: str) -> None:
+    """Run `vf merge` in a fresh process and SIGKILL it when it reaches the write-phase point ``point``
+    (``VF_FAULT_POINT``, :func:`vf_lightning.io.fault_point`)."""
+    signal_file = tmp_path / f"at-{point}"
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+           "VF_FAULT_POINT": f"{point}:{signal_file}"}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "vf_lightning.cli", "merge", "--config", str(config), *DATA],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 300
+    try:
+        while not signal_file.exists():
+            if proc.poll() is not None:
+                raise AssertionError(f"vf merge ended before {point}: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, f"vf merge did not reach {point}"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()  # type: ignore[union-attr]
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_sigkill_in_the_write_phase_leaves_the_old_set_or_the_new_one(
+    ckpts: dict[str, Path], tmp_path: Path, repo: Path, fmnist: Path
+) -> None:
+    out = tmp_path / "out"
+    main(["merge", "--config", str(_merge_config(tmp_path, [ckpts["a"], ckpts["b"]], out, alpha=0.5)), *DATA])
+    (out / "notes.txt").write_text("mine")
+    old = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert {"report.json", "merged.pt", "config.yaml", "notes.txt"} <= set(old)
+    rerun = _merge_config(tmp_path, [ckpts["a"], ckpts["b"]], out, alpha=0.3)
+
+    def siblings() -> list[str]:
+        return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out"))
+
+    # killed with the new set complete in its staging directory: out_dir is the old set, byte for byte
+    _killed_merge(tmp_path, repo, rerun, "staged")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == old
+    (staged,) = [tmp_path / n for n in siblings() if n.startswith("out.tmp-")]
+    assert json.loads((staged / "report.json").read_text())["config"]["trainer"]["callbacks"][0]["init_args"][
+        "alpha"] == 0.3 and (staged / "merged.pt").is_file()  # the kill did land in the write phase  # fmt: skip
+
+    # killed between the two renames: the old set waits as out.old-<pid>; the next run puts it back first
+    _killed_merge(tmp_path, repo, rerun, "between-renames")
+    assert not out.exists() and any(n.startswith("out.old-") for n in siblings())
+    clean_stale(out, report_module.owned_by_writer)  # what the next run does before anything else
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == old and siblings() == ["out"]

@@ -77,10 +77,14 @@ def _reason(e: Exception) -> str:
         what = next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), "")
         return (f"it holds objects other than tensors and plain data, refused without running them (weights_only) "
                 f"— it may be malicious; use checkpoints written by vf-lightning ({what.rstrip('.')})")
+    if isinstance(e, (OSError, RuntimeError, EOFError)):  # a cut or overwritten archive
+        return f"it is damaged or truncated ({lines[0] if lines else type(e).__name__}); re-export or re-train it"
     return lines[0] if lines else type(e).__name__
 
 
-def _read(path: str | Path) -> dict[str, Any]:
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The dict stored in ``path`` (zip CRCs verified, ``weights_only``); every failure is a one-line
+    :class:`CheckpointError` naming the file."""
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"checkpoint {str(p)!r} does not exist (train it first, e.g. with `vf fit`)")
@@ -137,12 +141,12 @@ def _pair_from(obj: dict[str, Any], path: str | Path) -> tuple[nn.Module, nn.Mod
 
 def load_model_checkpoint(path: str | Path) -> tuple[nn.Module, ModelConfig]:
     """Load a standalone model checkpoint written by :func:`save_model_checkpoint`."""
-    return _model_from(_read(path), path)
+    return _model_from(read_checkpoint(path), path)
 
 
 def load_pair(path: str | Path) -> tuple[nn.Module, nn.Module, ModelConfig]:
     """Networks A and B from a ``PairModule`` Lightning checkpoint (``.ckpt``) of ``vf fit``."""
-    return _pair_from(_read(path), path)
+    return _pair_from(read_checkpoint(path), path)
 
 
 def load_networks(paths: list[str] | str) -> tuple[list[nn.Module], list[ModelConfig]]:
@@ -151,7 +155,7 @@ def load_networks(paths: list[str] | str) -> tuple[list[nn.Module], list[ModelCo
         paths = [paths]
     models, cfgs = [], []
     for p in paths:
-        obj = _read(p)  # each file is read once
+        obj = read_checkpoint(p)  # each file is read once
         if len(paths) == 1 and obj.get("format") != FORMAT:
             a, b, cfg = _pair_from(obj, p)
             return [a, b], [cfg, cfg]
@@ -168,7 +172,7 @@ def load_expert(path: str | Path) -> tuple[nn.Module, ModelConfig, dict[str, Any
     checkpoint does not say): a model checkpoint's ``meta``, or an ``ExpertModule``'s hyper-parameters
     (``task``, ``classes``, ``foundation_name``). The model is on the CPU, in eval mode.
     """
-    obj = _read(path)
+    obj = read_checkpoint(path)
     if obj.get("format") == FORMAT:
         if "model_config" not in obj or "state_dict" not in obj:
             raise CheckpointError(f"{str(path)!r} is a vf model checkpoint without model_config / state_dict; "

@@ -11,17 +11,25 @@ shortcuts that set the module's checkpoints and the matching options of every co
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib
 import inspect
+import os
+import re
+import shutil
 import sys
+import typing
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning as L
 import torch
 from jsonargparse import Namespace, lazy_instance
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from vf_lightning.callbacks import (
     DiagnosticCallback,
@@ -31,9 +39,9 @@ from vf_lightning.callbacks import (
     ReportWriter,
     VarianceCollapseCallback,
 )
-from vf_lightning.checkpoint import CheckpointError
-from vf_lightning.data import DataNotFoundError, FashionMNISTDataModule, VisionDataModule
-from vf_lightning.io import OutputError, check_writable
+from vf_lightning.checkpoint import CheckpointError, read_checkpoint
+from vf_lightning.data import DataFileError, DataNotFoundError, FashionMNISTDataModule, VisionDataModule
+from vf_lightning.io import OutputError, atomic_write_bytes, check_writable
 from vf_lightning.lit import CheckpointModule, MergeModule
 from vf_lightning.merge.session import SessionError
 from vf_lightning.progress import set_quiet
@@ -57,27 +65,203 @@ STARTUP_ERRORS = (CheckpointError, DataNotFoundError, SessionError, ValueError, 
 CKPT_ALIASES = ("last", "best", "hpc", "registry")  # Lightning's ckpt_path names that are not files
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# one run directory per run
+
+
+# what a run writes into its own directory under these names (a rerun there would overwrite or mix with them)
+RUN_ENTRIES = ("config.yaml", "checkpoints", "wandb", "csv", "lightning_logs", "net_a.pt", "net_b.pt")
+
+
+def _entries(value: Any) -> list[Any]:
+    """The ``class_path`` / ``init_args`` entries of a ``trainer.logger`` or ``trainer.callbacks`` value."""
+    items = value if isinstance(value, list) else [value]
+    return [v for v in items if isinstance(v, Namespace) and "class_path" in v]
+
+
+def _is_a(entry: Any, base: type) -> bool:
+    cls = _class(str(entry.get("class_path", "")))
+    return isinstance(cls, type) and issubclass(cls, base)
+
+
+def _launching_process() -> bool:
+    """Whether this is the process a user started (global rank 0): not a DDP child (``LOCAL_RANK`` > 0, set by
+    Lightning's launcher), nor another rank of ``srun`` / ``torchrun`` / MPI."""
+    keys = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK")
+    return all(os.environ.get(k, "0") in ("", "0") for k in keys)
+
+
+@dataclass
+class RunDir:
+    """Where one run writes: every output the CLI derives follows ``path``; ``owned`` lists what a rerun would
+    overwrite or mix with (the saved config, checkpoints, derived log folders, exported networks)."""
+
+    path: Path
+    name: str
+    owned: list[Path] = field(default_factory=list)
+
+    def previous(self) -> list[Path]:
+        """The entries of ``owned`` an earlier run left (folders only when not empty)."""
+        found = []
+        for p in self.owned:
+            if p.is_dir() and not p.is_symlink():
+                if any(p.iterdir()):
+                    found.append(p)
+            elif p.exists() or p.is_symlink():
+                found.append(p)
+        return found
+
+    def remove_previous(self) -> None:
+        for p in self.previous():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+
+    def shown(self, p: Path) -> str:
+        try:
+            return str(p.relative_to(self.path)) + ("/" if p.is_dir() else "")
+        except ValueError:
+            return str(p)
+
+
+def resolve_run_dir(cfg: Namespace, run_dir: str | None, default_name: str) -> RunDir:
+    """Fill the outputs a recipe leaves unset from one run directory and name, in place in ``cfg`` (a
+    subcommand's config), and list what the run owns there.
+
+    ``run_dir`` (``trainer.default_root_dir`` for ``vf fit``, the ReportWriter's ``out_dir`` for ``vf merge`` /
+    ``vf prune``) defaults to ``outputs/<run name>``; the run name is ``--run_name``, else the run directory's
+    last component, else ``default_name``. Then: loggers whose ``save_dir`` is unset write into the run
+    directory, W&B runs are named after the run (``--run_name`` renames a logger's explicit name too),
+    ``ModelCheckpoint``'s unset ``dirpath`` is ``<run>/checkpoints`` and an unset ``export_dir`` of the model is
+    the run directory. Paths a recipe spells out are kept as they are.
+    """
+    given_name = cfg.get("run_name")
+    name = given_name or (Path(run_dir).name if run_dir else default_name) or "run"
+    path = Path(run_dir) if run_dir else Path("outputs") / name
+    cfg["run_name"] = name
+    cfg["trainer.default_root_dir"] = str(path)
+    run = RunDir(path, name, [path / n for n in RUN_ENTRIES] + sorted(path.glob("config-*.yaml")))
+    trainer = cfg.get("trainer") or Namespace()
+    for lg in _entries(trainer.get("logger")):
+        args = lg.get("init_args") or Namespace()
+        lg["init_args"] = args
+        if "save_dir" in args and args.get("save_dir") is None:
+            args["save_dir"] = str(path)
+            if args.get("name") and "Wandb" not in str(lg.class_path):
+                run.owned.append(path / str(args["name"]))
+        if "Wandb" in str(lg.class_path) and (given_name or args.get("name") is None):
+            args["name"] = name
+    for cb in _entries(trainer.get("callbacks")):
+        if _is_a(cb, ModelCheckpoint):
+            args = cb.get("init_args") or Namespace()
+            cb["init_args"] = args
+            if args.get("dirpath") is None:
+                args["dirpath"] = str(path / "checkpoints")
+            else:
+                run.owned.extend(sorted(Path(args["dirpath"]).glob("*.ckpt")))
+    model_args = cfg.get("model.init_args") if isinstance(cfg.get("model"), Namespace) else None
+    if isinstance(model_args, Namespace):
+        if "export_dir" in model_args:
+            if model_args.get("export_dir") is None:
+                model_args["export_dir"] = str(path)
+            run.owned.extend(Path(model_args["export_dir"]) / f for f in ("net_a.pt", "net_b.pt"))
+        if model_args.get("export_path"):
+            run.owned.append(Path(model_args["export_path"]))
+    run.owned = list(dict.fromkeys(run.owned))
+    return run
+
+
+class RunConfig(SaveConfigCallback):
+    """Save the resolved configuration into the run directory (``trainer.default_root_dir``): ``config.yaml`` for
+    the command's own stage, ``config-<stage>.yaml`` for the others (``vf validate`` / ``vf test`` of a run)."""
+
+    def __init__(self, parser: Any, config: Namespace, main_stage: str = "fit", **kwargs: Any) -> None:
+        super().__init__(parser, config, save_to_log_dir=False, **kwargs)
+        self.main_stage = main_stage
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        name = "config.yaml" if stage == self.main_stage else f"config-{stage}.yaml"
+        text = self.parser.dump(self.config, skip_none=False)
+        atomic_write_bytes(text.encode("utf-8"), Path(trainer.default_root_dir) / name)
+
+
 class VFLightningCLI(LightningCLI):
-    """LightningCLI with vf-lightning defaults (config saved with every run, overwriting allowed)."""
+    """LightningCLI with vf-lightning defaults: one run directory per run (see :func:`resolve_run_dir`), the
+    resolved config saved into it, and one-line errors for bad configuration."""
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[no-untyped-def]
-        parser.add_argument("--run_name", type=str, default=None, help="name of the run (informational)")
+        parser.add_argument("--run_name", type=str, default=None,
+                            help="name of the run: W&B run name and, unless trainer.default_root_dir is given, its "
+                                 "directory outputs/<run_name> (default: the directory's name, else the first "
+                                 "config file's name)")  # fmt: skip
+        parser.add_argument("--overwrite", action="store_true",
+                            help="vf fit: replace a previous run in the run directory (its config, checkpoints, "
+                                 "logs and exported networks); without it such a rerun is refused")  # fmt: skip
+
+    def _parse_ckpt_path(self) -> None:
+        """Refuse a ``--ckpt_path`` file that does not exist or cannot be read (one line naming it) before
+        LightningCLI reads its hyperparameters."""
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and ckpt not in CKPT_ALIASES and "://" not in str(ckpt):
+            parser = self._parser(sub)
+            if not Path(ckpt).is_file():
+                what = "is a directory" if Path(ckpt).is_dir() else "does not exist"
+                parser.error(f"ckpt_path {str(ckpt)!r} {what}: give a checkpoint file of `vf fit` (e.g. "
+                             "<run directory>/checkpoints/last.ckpt) or `last` for the newest one")  # fmt: skip
+            try:
+                read_checkpoint(ckpt)
+            except CheckpointError as e:
+                parser.error(f"ckpt_path: {e}")
+        super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
-        """Refuse, before anything is built, a ``--ckpt_path`` file that does not exist and negative epochs."""
+        """Refuse negative epochs before anything is built; set up the run directory (and refuse a fresh ``fit``
+        into one that holds an earlier run)."""
         if self.subcommand is None:
             return
         cfg = self.config[self.subcommand]
         parser = self._parser(self.subcommand)
         ckpt = cfg.get("ckpt_path")
-        if ckpt and ckpt not in CKPT_ALIASES and "://" not in str(ckpt) and not Path(ckpt).is_file():
-            what = "is a directory" if Path(ckpt).is_dir() else "does not exist"
-            parser.error(f"ckpt_path {str(ckpt)!r} {what}: give a checkpoint file of `vf fit` (e.g. "
-                         "<default_root_dir>/checkpoints/last.ckpt) or `last` for the newest one")  # fmt: skip
         for key in ("max_epochs", "min_epochs"):
             value = cfg.get(f"trainer.{key}")
             if value is not None and value < -1:
                 parser.error(f"trainer.{key} must be ≥ 0 (or -1 for no limit), got {value}")
+        configs = cfg.get("config") or []
+        stem = Path(str(configs[0])).stem if configs else "run"
+        run = resolve_run_dir(cfg, cfg.get("trainer.default_root_dir"), stem)
+        self._drop_monitors_without_logger(cfg)
+        if self.subcommand == "fit" and not ckpt:
+            self._claim(run, cfg, parser)
+
+    @staticmethod
+    def _drop_monitors_without_logger(cfg: Namespace) -> None:
+        """``--trainer.logger false``: drop the ``LearningRateMonitor`` callbacks (they refuse to run without a
+        logger, and have nothing to write to)."""
+        if cfg.get("trainer.logger") not in (False, []):
+            return
+        callbacks = cfg.get("trainer.callbacks")
+        if isinstance(callbacks, list):
+            cfg["trainer.callbacks"] = [cb for cb in callbacks if not _is_a(cb, LearningRateMonitor)]
+
+    @staticmethod
+    def _claim(run: RunDir, cfg: Namespace, parser: Any) -> None:
+        """A fresh ``vf fit`` needs a run directory without an earlier run: refuse one, or with ``--overwrite``
+        remove the earlier run's files first (other files in the directory are kept)."""
+        previous = run.previous()
+        if not previous:
+            return
+        if not cfg.get("overwrite"):
+            shown = ", ".join(run.shown(p) for p in previous[:4]) + (", …" if len(previous) > 4 else "")
+            last = next((p for p in previous if p.suffix == ".ckpt"), None)
+            last = last or next((p / "last.ckpt" for p in previous if (p / "last.ckpt").is_file()), None)
+            resume = f"resume it with --ckpt_path {last}, " if last else ""
+            parser.error(f"run directory {str(run.path)!r} already holds a run ({shown}): {resume}give this run its "
+                         "own directory (--run_name NAME or --trainer.default_root_dir DIR), or replace the earlier "
+                         "run with --overwrite")  # fmt: skip
+        if _launching_process():  # one process removes; the other ranks of a DDP run only check
+            run.remove_previous()
 
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; a bad value becomes a one-line usage error, not a traceback."""
@@ -86,13 +270,22 @@ class VFLightningCLI(LightningCLI):
         except STARTUP_ERRORS as e:
             parser = self._parser(self.subcommand)
             parser.error(f"invalid configuration: {cause_line(str(e))}")
+        self._checkpoints_follow_the_run()
+
+    def _checkpoints_follow_the_run(self) -> None:
+        """The ``ModelCheckpoint`` Lightning adds by itself (no explicit one configured) writes into
+        ``<run>/checkpoints`` too, not under a logger's folder."""
+        trainer = getattr(self, "trainer", None)
+        for cb in getattr(trainer, "checkpoint_callbacks", []):
+            if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:
+                cb.dirpath = os.path.join(trainer.default_root_dir, "checkpoints")  # type: ignore[union-attr]
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run ``fit`` / ``validate`` / ``test``; a dataset or checkpoint that cannot be read, or an output that cannot
         be written (``export_dir``, checked at the start of fit), is one error line."""
         try:
             super()._run_subcommand(subcommand)
-        except (DataNotFoundError, CheckpointError, OutputError) as e:
+        except (DataNotFoundError, DataFileError, CheckpointError, OutputError) as e:
             message = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
             print(f"vf {subcommand}: error: {message}", file=sys.stderr)
             raise SystemExit(2) from e
@@ -134,6 +327,74 @@ def cause_line(message: str) -> str:
             if not line.startswith("  - Expected a <class 'NoneType'>"):
                 return line[4:]
     return lines[0] if lines else message
+
+
+def _option_names(class_path: str) -> list[str]:
+    """The options a class takes (its ``__init__`` arguments along the MRO, and ``arg.field`` for dataclass ones)."""
+    cls = _class(class_path)
+    names: list[str] = []
+    for c in getattr(cls, "__mro__", ()):
+        if "__init__" not in vars(c):
+            continue
+        try:
+            params = inspect.signature(c.__init__).parameters  # type: ignore[misc]
+            hints = typing.get_type_hints(c.__init__)  # type: ignore[misc]
+        except (TypeError, ValueError, NameError):
+            continue
+        for name, param in params.items():
+            if name == "self" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            names.append(name)
+            hint = hints.get(name)
+            if dataclasses.is_dataclass(hint):
+                names.extend(f"{name}.{f.name}" for f in dataclasses.fields(hint))
+    return list(dict.fromkeys(names))
+
+
+def one_line_error(message: str) -> str:
+    """jsonargparse's multi-line message for a nested key (``Parser key "data": … Errors: - Problem with given
+    class_path …: Option 'x' is not accepted``) as one line naming the full key, with the closest option."""
+    lines = [line for line in message.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return message.strip()
+    top = re.match(r'Parser key "([^"]+)":', lines[0])
+    key = top.group(1) if top else ""
+    cls, cause = "", []
+    for i, line in enumerate(lines):
+        m = re.match(r"\s*- Problem with given class_path '([^']+)':\s*$", line)
+        if m:
+            cls, indent = m.group(1), len(line) - len(line.lstrip())
+            for nxt in lines[i + 1 :]:
+                if len(nxt) - len(nxt.lstrip()) <= indent:
+                    break
+                cause.append(nxt.strip())
+            break
+    if not cls or not cause:
+        noise = ("Subtypes:", "Given value", "- Expected a <class 'NoneType'>", "Errors:")
+        out = ""
+        for line in (line.strip() for line in lines if not line.strip().startswith(noise)):
+            out += line if not out else (" " if out.endswith(":") else "; ") + line
+        return out
+    text = re.sub(r"<class '([\w.]+)'>", r"\1", " ".join(cause))
+    short = cls.rpartition(".")[2]
+    prefix = f"{key}.init_args." if key else ""
+    bad = re.search(r"Option '([^']+)' is not accepted", text) or re.search(r"unrecognized arguments: --([\w.]+)", text)
+    if bad:
+        option = bad.group(1)
+        close = difflib.get_close_matches(option, _option_names(cls), n=1, cutoff=0.6)
+        hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+        return f"{prefix}{option} is not an option of {short}{hint}; `--help` lists the options"
+    nested = re.match(r'Parser key "([^"]+)":\s*(.*)', text)
+    if nested:
+        return f"{prefix}{nested.group(1)} ({short}): {nested.group(2)}"
+    return f"{key} ({short}): {text}"
+
+
+class VFArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser whose errors are one ``error:`` line (see :func:`one_line_error`)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        super().error(one_line_error(message), ex)
 
 
 def _fix_hint(expects: tuple[int, int, int], gives: tuple[int, int, int], datamodule: Any) -> str:
@@ -225,11 +486,12 @@ class CheckpointCLI(VFLightningCLI):
             print(f"vf {self.command}: error: {e}", file=sys.stderr)
             raise SystemExit(2) from e
         writer = next((c for c in callbacks if isinstance(c, ReportWriter)), None)
-        if writer is not None:
+        if writer is not None:  # the resolved config goes into the published set (report.json, config.yaml)
             writer.run_config = self.config.clone().as_dict()
+            writer.config_yaml = self.parser.dump(self.config, skip_none=False)
         try:
             self.trainer.validate(self.model, datamodule=self.datamodule)
-        except (SessionError, CheckpointError, DataNotFoundError) as e:
+        except (SessionError, CheckpointError, DataNotFoundError, DataFileError) as e:
             print(f"vf {self.command}: error: {e}", file=sys.stderr)
             raise SystemExit(2) from e
 
@@ -241,7 +503,8 @@ class CheckpointCLI(VFLightningCLI):
             subclass_mode_data=True,
             run=False,
             args=None if args is None else list(args),
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=None,  # the ReportWriter publishes config.yaml with its set
+            parser_class=VFArgumentParser,
             auto_configure_optimizers=False,
             parser_kwargs={"prog": f"vf {self.command}", "description": self.description()},
             trainer_defaults={"logger": False, "enable_checkpointing": False, "num_sanity_val_steps": 0,
@@ -299,6 +562,10 @@ class CheckpointCLI(VFLightningCLI):
                 used = True
             if not used:
                 self.parser.error(f"--{flag} has no effect: no configured callback takes {key!r} (trainer.callbacks)")
+        # the run directory is the ReportWriter's out_dir: the loggers, the trainer and config.yaml follow it
+        out_dirs = {str(cb["init_args"].get("out_dir")) for cb in _entries(callbacks) if _is_a(cb, ReportWriter)}
+        run_dir = out_dirs.pop() if len(out_dirs) == 1 else cfg.get("trainer.default_root_dir")
+        resolve_run_dir(cfg, run_dir, self.command)
 
 
 class MergeCLI(CheckpointCLI):
@@ -369,6 +636,8 @@ def fit_cli(args: Sequence[str] | None) -> None:
         L.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
+        save_config_callback=RunConfig,
+        parser_class=VFArgumentParser,
         save_config_kwargs={"overwrite": True},
         args=None if args is None else list(args),
         auto_configure_optimizers=False,

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,18 @@ def clean_stale(target: str | os.PathLike[str], owned: Callable[[str], bool]) ->
                 leftover.unlink(missing_ok=True)
 
 
+def fault_point(name: str) -> None:
+    """A place where the fault-injection tests kill the process: with ``VF_FAULT_POINT=<name>:<file>`` in the
+    environment, create ``<file>`` and wait there to be killed (tests/test_reliability.py). No effect otherwise."""
+    spec = os.environ.get("VF_FAULT_POINT", "")
+    point, _, signal_file = spec.partition(":")
+    if point != name or not signal_file:
+        return
+    Path(signal_file).touch()
+    while True:
+        time.sleep(1.0)
+
+
 def publish_dir(staging: str | os.PathLike[str], target: str | os.PathLike[str],
                 owned: Callable[[str], bool]) -> Path:  # fmt: skip
     """Replace ``target`` by ``staging`` with two renames; entries of the old ``target`` that ``owned`` does not
@@ -180,10 +193,12 @@ def publish_dir(staging: str | os.PathLike[str], target: str | os.PathLike[str],
     ``<target>.old-<pid>`` and :func:`clean_stale` puts it back.
     """
     s, t = Path(staging), Path(target)
+    fault_point("staged")  # the whole new set is in the staging directory, the old one still in place
     old = None
     if t.exists():
         old = t.parent / f"{t.name}.old-{os.getpid()}"
         os.rename(t, old)
+        fault_point("between-renames")
     try:
         os.rename(s, t)
     except BaseException:

@@ -47,7 +47,9 @@ def main() -> None:
     trainer.fit(module, dm)
     rank = trainer.global_rank
     acc = float(trainer.callback_metrics["val/acc_a"]), float(trainer.callback_metrics["val/acc_b"])
-    (out / f"rank{rank}.txt").write_text(f"{before} {weights_digest(module)} {acc[0]} {acc[1]} {trainer.world_size}\n")
+    train_acc = float(trainer.callback_metrics["train/acc_a"])  # epoch-level, logged with sync_dist
+    (out / f"rank{rank}.txt").write_text(f"{before} {weights_digest(module)} {acc[0]} {acc[1]} {trainer.world_size} "
+                                         f"{train_acc}\n")
 
 
 if __name__ == "__main__":

@@ -11,12 +11,13 @@ from vf_lightning.data.datamodules import (
     PermutedView,
     VisionDataModule,
 )
-from vf_lightning.data.sources import DataNotFoundError
+from vf_lightning.data.sources import DataFileError, DataNotFoundError
 
 __all__ = [
     "DATAMODULES",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
+    "DataFileError",
     "DataNotFoundError",
     "DigitsDataModule",
     "FashionMNISTDataModule",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from vf_lightning.data.datasets import TensorImageDataset, select_classes
-from vf_lightning.data.sources import DataNotFoundError, candidate_dirs, find_idx_split, read_idx
+from vf_lightning.data.sources import DataFileError, DataNotFoundError, candidate_dirs, find_idx_split, read_idx
 
 
 class PermutedView(Dataset[Any]):
@@ -255,13 +256,29 @@ class _CifarDataModule(VisionDataModule):
         cls = getattr(torchvision.datasets, self.tv_class)
         for d in dirs:
             if (d / self.folder).is_dir():
-                ds = cls(str(d), train=train, download=False)
+                ds = self._read_cifar(cls, d, train)
                 return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
         if self.download:
             root = Path(self.data_dir or os.environ.get("VF_DATA_DIR") or "data")
             ds = cls(str(root), train=train, download=True)
             return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
         raise DataNotFoundError(self.name, [str(d / self.folder) for d in dirs])
+
+    def _read_cifar(self, cls: Any, root: Path, train: bool) -> Any:
+        """torchvision's CIFAR dataset from ``root``; a damaged or missing batch file is named
+        (:class:`DataFileError`), not torchvision's "Dataset not found or corrupted"."""
+        from torchvision.datasets.utils import check_integrity
+
+        for name, md5 in cls.train_list if train else cls.test_list:
+            path = root / self.folder / name
+            if not path.is_file():
+                raise DataFileError(path, "it is missing from the dataset folder")
+            if not check_integrity(str(path), md5):
+                raise DataFileError(path, "its MD5 checksum does not match torchvision's")
+        try:
+            return cls(str(root), train=train, download=False)
+        except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as e:
+            raise DataFileError(root / self.folder, f"{type(e).__name__}: {e}") from e
 
 
 class CIFAR10DataModule(_CifarDataModule):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -70,25 +71,37 @@ def candidate_dirs(dataset: str, data_dir: str | os.PathLike[str] | None, subdir
     return seen
 
 
+class DataFileError(ValueError):
+    """A dataset file that is there but cannot be read (damaged, truncated, not the expected format): names it."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        super().__init__(f"dataset file {str(path)!r} is damaged: {reason}; re-install or re-download it (Fashion-"
+                         "MNIST: `make data`), or point data_dir at an intact copy")  # fmt: skip
+
+
 def _open_idx(path: Path) -> bytes:
-    if path.suffix == ".gz":
-        with gzip.open(path, "rb") as f:
-            return f.read()
-    return path.read_bytes()
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DataFileError(path, f"{type(e).__name__}: {e}") from e
 
 
 def read_idx(path: Path) -> torch.Tensor:
-    """Read an IDX file (optionally gzipped) as a uint8 tensor, checking its header."""
+    """Read an IDX file (optionally gzipped) as a uint8 tensor, checking its header; a damaged file raises
+    :class:`DataFileError` naming it."""
     raw = _open_idx(path)
     if len(raw) < 8:
-        raise ValueError(f"{path} is not an IDX file (too short)")
+        raise DataFileError(path, "not an IDX file (too short)")
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+        raise DataFileError(path, "not an unsigned-byte IDX file")
     dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: header says {dims} but holds {data.size} bytes (truncated download?)")
+        raise DataFileError(path, f"the header says {dims} but it holds {data.size} bytes (truncated download?)")
     return torch.from_numpy(data.reshape(dims).copy())
 
 

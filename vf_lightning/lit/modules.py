@@ -78,7 +78,7 @@ class ClassifierModule(BaseModule):
         x, y = batch
         loss, c1, _ = self.loss_and_stats(self(x), y)
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", c1.float() / y.shape[0], on_step=False, on_epoch=True)
+        self.log("train/acc", c1.float() / y.shape[0], on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -170,6 +170,7 @@ class PairModule(BaseModule):
             {"train/acc_a": ca.float() / ya.shape[0], "train/acc_b": cb.float() / yb.shape[0]},
             on_step=False,
             on_epoch=True,
+            sync_dist=True,  # epoch-level: the mean over every rank's batches under DDP
         )
         return loss_a + loss_b
 

@@ -38,7 +38,9 @@ def _fails(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     return capsys.readouterr().err
 
 
-def test_unknown_model_fails_naming_it(capsys: pytest.CaptureFixture[str], repo: Path) -> None:
+def test_unknown_model_fails_naming_it(capsys: pytest.CaptureFixture[str], repo: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a fresh directory: no earlier run of the recipe to refuse overwriting
     cfg = str(repo / "configs/fit/fmnist_vgg_pair.yaml")
     err = _fails(["fit", "--config", cfg, "--model.init_args.net.arch", "vgg99", "--trainer.max_epochs", "0"], capsys)
     assert "unknown model arch 'vgg99'" in err

@@ -579,7 +579,7 @@ class _SpecTracer(fx.Interpreter):
                 self._record_sites(ctx, name, call, kind, desc)
             return desc
         if n.op in ("call_function", "call_method") and self._reads_only_fixed(n):
-            return tuple(None for _ in range(out.dim()))  # no permutable feature flows in, so none flows out
+            return _fixed_like(out)  # no permutable feature flows in, so none flows out
         if n.op == "call_function":
             fh = FUNCTION_HANDLERS.get(n.target)
             if fh is None:
@@ -658,6 +658,15 @@ class _SpecTracer(fx.Interpreter):
             head_set = tie_names[uf.find_tie(r)] if heads > 1 else ""
             groups.append(PermGroup(names[r], size, tuple(members[r]), tuple(sites.get(r, ())), heads, head_set))
         return PermutationSpec(tuple(groups), tuple(self.state_shapes.items()))
+
+
+def _fixed_like(out: Any) -> AnyDesc | None:
+    """All-fixed descriptors for a tensor or a tuple of tensors."""
+    if isinstance(out, torch.Tensor):
+        return tuple(None for _ in range(out.dim()))
+    if isinstance(out, (list, tuple)):
+        return _Multi(tuple(_fixed_like(o) for o in out))  # type: ignore[misc]
+    return None
 
 
 def _all_dims(d: AnyDesc | None) -> Iterator[Dim]:

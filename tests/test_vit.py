@@ -222,3 +222,16 @@ def test_fit_callbacks_run_on_a_tiny_vit_pair(tmp_path: Path, fmnist: Path) -> N
     metrics = trainer.callback_metrics
     for key in ("merge/weight/none/acc", "merge/weight/repair/acc", "variance/weight/repair/mean"):
         assert key in metrics and torch.isfinite(metrics[key])
+
+
+def test_vf_prune_on_a_tiny_vit_reaches_the_sparsity_and_normalizes(tmp_path: Path, fmnist: Path) -> None:
+    ckpt = tmp_path / "a.pt"
+    save_model_checkpoint(_vit(0), TINY, ckpt)
+    out = tmp_path / "prune"
+    main(["prune", "--checkpoint", str(ckpt), "--sparsities", "[0.5]", "--normalization", "[none, repair]",
+          "--out_dir", str(out), "--trainer.logger", "false", "--data", "vf_lightning.data.FashionMNISTDataModule",
+          "--data.pad_to_32", "false", "--data.calib_samples", "128", "--data.val_subset", "500",
+          "--data.num_workers", "0"])  # fmt: skip
+    rows = [r for r in json.loads((out / "report.json").read_text())["results"] if r.get("sparsity") == 0.5]
+    assert {r["normalization"] for r in rows} >= {"none", "repair"}
+    assert rows and all(abs(r["achieved_sparsity"] - 0.5) < 0.01 for r in rows)

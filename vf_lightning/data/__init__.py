@@ -12,6 +12,7 @@ from vf_lightning.data.datamodules import (
     VisionDataModule,
 )
 from vf_lightning.data.sources import DataFileError, DataNotFoundError
+from vf_lightning.data.tasksuite import DomainTaskDataModule, TaskSuiteDataModule
 
 __all__ = [
     "DATAMODULES",
@@ -20,9 +21,11 @@ __all__ = [
     "DataFileError",
     "DataNotFoundError",
     "DigitsDataModule",
+    "DomainTaskDataModule",
     "FashionMNISTDataModule",
     "ImageNetDataModule",
     "MNISTDataModule",
     "PermutedView",
+    "TaskSuiteDataModule",
     "VisionDataModule",
 ]

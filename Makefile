@@ -38,26 +38,32 @@ demo: fit-demo
 	$(VF) merge --config configs/merge/fmnist_demo.yaml
 	$(VF) prune --config configs/prune/fmnist_demo.yaml
 
-# Multi-task merging of Fashion-MNIST experts, non-local then local: `vf fit` trains the two foundations and the
-# experts whose checkpoints are absent (delete outputs/multitask/fmnist to retrain), then `vf merge` runs
-# configs/merge/fmnist_{nonlocal,local}.yaml (ExpertsModule + TaskMergeCallback). Extra merge flags:
-# make multitask-demo MULTITASK_ARGS='--trainer.logger false'
+# Multi-task merging on the offline multi-domain task suite (vf_lightning/data/tasksuite.py), non-local then local:
+# `vf fit` trains the two foundations and the experts whose checkpoints are absent (delete outputs/multitask/fmnist
+# to retrain), then `vf merge` runs configs/merge/fmnist_{nonlocal,local}.yaml (ExpertsModule + TaskMergeCallback).
+# Extra merge flags: make multitask-demo MULTITASK_ARGS='--trainer.logger false'
 MT_OUT := outputs/multitask/fmnist
 MULTITASK_ARGS ?=
-# experts as task:classes:foundation (the classes are the task's original labels, relabelled 0..k-1)
-MT_NONLOCAL := task0:0,1,2:a task1:3,4,5:a task2:6,7:b task3:8,9:b
-MT_LOCAL := task0:0,1,2:a task1:3,4,5:a task2:6,7:a task3:8,9:a
+# the suite's tasks as task:source:transform:transform_seed:classes (configs/merge/fmnist_*.yaml list the same)
+MT_TASKS := perm:fashion_mnist:permute:0:0,1,2,3,4 invert:fashion_mnist:invert:1:5,6,7,8,9 \
+  digits:digits:none:2:0,1,2,3,4,5,6,7,8,9 rot:fashion_mnist:rotate:3:0,2,4,6,8 contrast:fashion_mnist:contrast:4:1,3,5,7,9
+# the foundation of each task, in MT_TASKS order
+MT_NONLOCAL := a a a b b
+MT_LOCAL := a a a a a
 
-# $(call mt_experts,SETTING,FIT_CONFIG,SPEC_VARIABLE): train the missing experts of SETTING (seed 10 + index), each
-# in its own run directory (vf fit refuses a second run in one directory)
+# $(call mt_experts,SETTING,FIT_CONFIG,FOUNDATIONS_VARIABLE): train the missing experts of SETTING (seed 10 + index),
+# each in its own run directory (vf fit refuses a second run in one directory)
 define mt_experts
-	@i=0; for spec in $($(3)); do \
-	  IFS=: read -r task classes f <<< "$$spec"; out=$(MT_OUT)/$(1)/$$task.pt; seed=$$((10 + i)); i=$$((i + 1)); \
+	@i=0; set -- $($(3)); for spec in $(MT_TASKS); do \
+	  IFS=: read -r task source transform tseed classes <<< "$$spec"; f=$$1; shift; \
+	  out=$(MT_OUT)/$(1)/$$task.pt; seed=$$((10 + i)); i=$$((i + 1)); \
 	  if [ -f $$out ]; then echo "reusing $$out"; continue; fi; \
-	  echo "training $(1) expert $$task (classes $$classes, foundation $$f) -> $$out"; \
+	  echo "training $(1) expert $$task ($$source, $$transform, classes $$classes, foundation $$f) -> $$out"; \
 	  $(VF) fit --config configs/fit/$(2).yaml --seed_everything=$$seed --trainer.default_root_dir=$(MT_OUT)/$(1)/$$task \
 	    --model.init_args.task=$$task --model.init_args.classes="[$$classes]" --data.init_args.classes="[$$classes]" \
 	    --model.init_args.net.num_classes=$$(tr ',' ' ' <<< "$$classes" | wc -w) \
+	    --data.init_args.source=$$source --data.init_args.transform=$$transform --data.init_args.transform_seed=$$tseed \
+	    --data.init_args.val_samples=$$([ $$source = digits ] && echo 300 || echo 1000) \
 	    --model.init_args.foundation=$(MT_OUT)/foundation_$$f/last.ckpt --model.init_args.foundation_name=$$f \
 	    --model.init_args.export_path=$$out --model.init_args.seed=$$seed --data.init_args.seed=$$seed || exit 1; \
 	done

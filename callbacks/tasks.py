@@ -33,31 +33,50 @@ def _batches(ds: Dataset[Any], index: list[int], batch_size: int) -> Batches:
     return [(b[0], b[1]) for b in loader]
 
 
-def task_data(dm: Any, expert: Expert, calib_samples: int | None, eval_samples: int | None,
-              batch_size: int) -> TaskData:  # fmt: skip
-    """Expert ``expert``'s task: a copy of ``dm`` restricted to its classes (relabelled 0..k-1).
-
-    Calibration: the first ``calib_samples`` of the copy's calibration subset. Its evaluation split (the first
-    ``eval_samples``, None = all) is divided by parity, as in ``session_data(hold_out_selection=True)``: even
-    positions are the validation data that choose λ, odd positions the test data of the reported numbers.
-    """
+def task_datamodule(dm: Any, expert: Expert) -> Any:
+    """The data module of ``expert``'s task: the suite's own module when ``dm`` is a task suite (it has
+    ``task_datamodule(name, classes)``, e.g. :class:`~vf_lightning.data.TaskSuiteDataModule`), else a copy of
+    ``dm`` restricted to the expert's classes (relabelled 0..k-1)."""
+    if hasattr(dm, "task_datamodule"):
+        return dm.task_datamodule(expert.name, list(expert.classes))
     hparams = getattr(dm, "hparams", None)
     if hparams is None or "classes" not in hparams or not hasattr(dm, "calibration_dataloader"):
         raise TypeError("TaskMergeCallback needs a vf_lightning data module (with `classes`, hparams and "
-                        f"calibration_dataloader); got {type(dm).__name__}")  # fmt: skip
+                        f"calibration_dataloader) or a task suite; got {type(dm).__name__}")  # fmt: skip
     init = {k: v for k, v in dict(hparams).items() if not k.startswith("_")}  # LightningCLI adds _class_path
-    sub = type(dm)(**{**init, "classes": list(expert.classes)})
+    return type(dm)(**{**init, "classes": list(expert.classes)})
+
+
+def task_data(dm: Any, expert: Expert, calib_samples: int | None, eval_samples: int | None,
+              batch_size: int) -> TaskData:  # fmt: skip
+    """Expert ``expert``'s task data from its data module (:func:`task_datamodule`).
+
+    Calibration: the first ``calib_samples`` of the module's calibration subset. When the module has its own
+    test split (``test_set``, as the task suite's modules do), its validation split chooses λ and its test split
+    gives the reported numbers (the first ``eval_samples`` of each, None = all). Otherwise its evaluation split
+    is divided by parity, as in ``session_data(hold_out_selection=True)``: even positions are the validation
+    data, odd positions the test data.
+    """
+    sub = task_datamodule(dm, expert)
     sub.setup("fit")
     loader = sub.calibration_dataloader(calib_samples, batch_size, shard=False)
     calib = [x.cpu() for x in iter_inputs(loader, "cpu")]
-    val_set = sub.val_set
-    n = len(val_set) if eval_samples is None else min(eval_samples, len(val_set))
-    if not calib or n < 2:
-        raise RuntimeError(f"task {expert.name!r} (classes {expert.classes}) has {len(calib)} calibration batches "
-                           f"and {n} evaluation samples; it needs calibration data and at least 2 evaluation "
-                           "samples")  # fmt: skip
-    return TaskData(expert.name, calib, _batches(val_set, list(range(0, n, 2)), batch_size),
-                    _batches(val_set, list(range(1, n, 2)), batch_size))  # fmt: skip
+    val_set, test_set = sub.val_set, getattr(sub, "test_set", None)
+
+    def first(ds: Any) -> list[int]:
+        return list(range(len(ds) if eval_samples is None else min(eval_samples, len(ds))))
+
+    if test_set is not None:
+        val_idx, test_idx = first(val_set), first(test_set)
+    else:
+        test_set = val_set
+        val_idx, test_idx = first(val_set)[0::2], first(val_set)[1::2]
+    if not calib or len(val_idx) < 1 or len(test_idx) < 1:
+        raise RuntimeError(f"task {expert.name!r} (classes {expert.classes}) has {len(calib)} calibration batches, "
+                           f"{len(val_idx)} validation and {len(test_idx)} test samples; it needs calibration data "
+                           "and at least one validation and one test sample")  # fmt: skip
+    return TaskData(expert.name, calib, _batches(val_set, val_idx, batch_size),
+                    _batches(test_set, test_idx, batch_size))  # fmt: skip
 
 
 class TaskMergeCallback(DiagnosticCallback):

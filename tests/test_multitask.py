@@ -383,3 +383,43 @@ def test_tact_restores_variance_and_beats_uncorrected_and_repair_on_nonlocal_mer
     assert tact.mean_normalized - plain.mean_normalized >= 0.05
     assert tact.mean_normalized >= 0.9
     assert tact.mean_normalized > rep.mean_normalized
+
+
+def test_tact_folded_model_infers_with_a_task_id_in_one_plain_pass(nonlocal_setting) -> None:  # type: ignore[no-untyped-def]
+    tasks = _tasks(nonlocal_setting)
+    anchor, experts = _anchor_and_experts(nonlocal_setting, aligned=True)
+    prep = prepare(anchor, experts, tasks)
+    merged = merge_bodies("task_arithmetic", prep.anchor, prep.bodies, 0.4)
+    plain = corrected_model(prep, merged, tasks, "none")
+    model = corrected_model(prep, merged, tasks, "tact")
+    x = torch.cat(tasks[0].calib)[:64]
+    # the per-task state is folded into the site layers' own weights and biases: no extra parameters or modules
+    assert model.overrides is not None
+    site_params = {f"{s}.{p}" for s in prep.sites for p in ("weight", "bias")}
+    for t in range(model.num_tasks):
+        assert set(model.overrides[t]) <= site_params
+        assert set(model.task_parameters(t)) == set(plain.task_parameters(t))
+        assert [type(m) for m in model.task_network(t).modules()] == [type(m) for m in plain.task_network(t).modules()]
+    # forward(x, task) is one pass of the template: every layer runs once, as in the uncorrected model
+    def layer_calls(m: MultiTaskModel, task: int) -> list[str]:
+        calls: list[str] = []
+        hooks = [mod.register_forward_hook(lambda *_, n=n: calls.append(n))
+                 for n, mod in m.template.named_modules() if n]  # fmt: skip
+        try:
+            m(x, task)
+        finally:
+            for h in hooks:
+                h.remove()
+        return calls
+
+    layers = [n for n, _ in model.template.named_modules() if n]
+    for t in range(model.num_tasks):
+        assert sorted(layer_calls(model, t)) == sorted(layers) == sorted(layer_calls(plain, t))
+    outs = [model(x, t) for t in range(model.num_tasks)]
+    # the task id selects that task's corrections and head, and equals the exported plain network
+    for t, out in enumerate(outs):
+        assert out.shape == (64, prep.configs[t].num_classes)
+        torch.testing.assert_close(out, model.task_network(t)(x), rtol=0, atol=1e-9)
+        assert not torch.allclose(out, plain(x, t))
+    with pytest.raises(IndexError, match="task id 9 out of range"):
+        model(x, 9)

@@ -100,7 +100,8 @@ class BatchedView(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return (ds.images[rows].float().div_(255.0) - ds.mean) / ds.std, ds.labels[rows]
 
 
-def _whole_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _whole_batch(batch: Any) -> Any:
+    """The collate function of :class:`BatchedView` batches: they are already whole."""
     return batch
 
 
@@ -127,8 +128,8 @@ class DomainTaskDataModule(VisionDataModule):
     """
 
     name = "domain_task"
-    mean = (0.5,)
-    std = (0.5,)
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
     default_augment = False
 
     def __init__(

@@ -21,6 +21,7 @@ from torch.func import functional_call
 
 from vf_lightning.align import MATCHERS, ModelGraph, build_permutation_spec, permute_state_dict, weight_matching
 from vf_lightning.checkpoint import load_expert
+from vf_lightning.evaluate import evaluate
 from vf_lightning.models import ModelConfig, build_model
 from vf_lightning.statedict import average_states, ensure_biases
 
@@ -221,3 +222,30 @@ def unaligned_anchor(foundations: Sequence[Expert]) -> StateDict:
         raise ValueError("unaligned_anchor needs at least one foundation")
     head = head_name(build_model(foundations[0].config))
     return average_states([split_state(f.state, head)[0] for f in foundations])
+
+
+# ------------------------------------------------------------------------------------------------- locality
+def relative_distance(start: Mapping[str, torch.Tensor], end: Mapping[str, torch.Tensor]) -> float:
+    """``‖θ_end − θ_start‖ / ‖θ_start‖`` over the floating-point entries of ``start`` (e.g. a foundation's body)."""
+    keys = [k for k, v in start.items() if torch.is_floating_point(v)]
+    if not keys:
+        raise ValueError("relative_distance: no floating-point entries to compare")
+    num = sum(float((end[k].double() - start[k].double()).pow(2).sum()) for k in keys)
+    den = sum(float(start[k].double().pow(2).sum()) for k in keys)
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+def path_losses(config: ModelConfig, start: Mapping[str, torch.Tensor], end: Mapping[str, torch.Tensor],
+                data: Sequence[tuple[torch.Tensor, torch.Tensor]], alphas: Sequence[float]) -> list[float]:
+    """Cross-entropy on ``data`` of the network ``(1−α)·start + α·end`` (full states of ``config``) for each α."""
+    losses = []
+    for a in alphas:
+        state = {k: ((1 - a) * v + a * end[k]) if torch.is_floating_point(v) else v for k, v in start.items()}
+        losses.append(evaluate(task_network(config, state, {}), data)["loss"])
+    return losses
+
+
+def loss_barrier(losses: Sequence[float], alphas: Sequence[float]) -> float:
+    """Largest excess of the path's loss over the straight line between its end losses (≥ 0)."""
+    first, last = losses[0], losses[-1]
+    return max(0.0, *(loss - ((1 - a) * first + a * last) for loss, a in zip(losses, alphas)))

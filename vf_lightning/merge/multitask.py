@@ -30,6 +30,7 @@ from vf_lightning.merge.experts import (
     TaskView,
     align_through_foundations,
     check_align_options,
+    relative_distance,
     task_network,
     unaligned_anchor,
 )
@@ -253,7 +254,8 @@ class MultiTaskResult:
     """What :func:`merge_experts` measured (accuracies are fractions; the rows and curves go into report.json).
 
     ``rows``: one per (aligned, method, correction, task), see :func:`result_rows`. ``experts``: per task
-    ``{"task", "foundation", "classes", "acc", "val_acc"}`` (test / validation accuracy of the expert).
+    ``{"task", "foundation", "classes", "acc", "val_acc", "distance"}`` (test / validation accuracy of the expert,
+    relative distance of its body from its foundation's, :func:`~vf_lightning.merge.experts.relative_distance`).
     ``variance_ratio`` / ``variance_ratio_of_means``: ``{"layers": sites, "curves": {variant_key: per-layer
     mean over tasks}}``. ``summary``: per variant ``{"method", "correction", "aligned", "lam", "mean_acc",
     "mean_normalized_acc", "seconds"}``. ``alignment``: ``{"matching", "seconds", "groups", "reference"}``
@@ -365,7 +367,8 @@ def merge_experts(
     if prep is None:
         raise ValueError("merge_experts ran no variant: `aligned` lists only True but the experts share one "
                          "foundation; add False (the local setting needs no alignment)")
-    expert_rows = [{"task": e.name, "foundation": e.foundation, "classes": list(e.classes), "acc": acc, "val_acc": val}
+    expert_rows = [{"task": e.name, "foundation": e.foundation, "classes": list(e.classes), "acc": acc, "val_acc": val,
+                    "distance": relative_distance(foundations[e.foundation].split()[0], e.split()[0])}
                    for e, acc, val in zip(experts, prep.expert_test, prep.expert_val)]
     return MultiTaskResult(rows, expert_rows, {"layers": list(prep.sites), "curves": curves},
                            {"layers": list(prep.sites), "curves": curves_of_means}, summary, alignment, timing)

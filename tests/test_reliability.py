@@ -364,6 +364,7 @@ def test_malicious_pickle_is_refused_without_running_it(
         (["--normalization", "[repiar]"], "repiar"),
         (["--alpha", "1.5"], "alpha must lie in [0, 1]"),
         (["--out_dri", "x"], "--out_dri"),
+        (["--matching", "[]"], "--matching is an empty list"),
     ],
 )
 def test_unknown_names_bad_alpha_and_flag_typos_fail_in_one_line_before_any_work(

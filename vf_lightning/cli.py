@@ -548,6 +548,9 @@ class CheckpointCLI(VFLightningCLI):
             value = cfg.get(flag)
             if value is None:
                 continue
+            if isinstance(value, list) and not value:
+                self.parser.error(f"--{flag} is an empty list: give at least one value (or leave it out for the "
+                                  "config's own)")  # fmt: skip
             used = False
             for cb in callbacks:
                 cls = _class(str(cb.get("class_path", "")))

@@ -11,6 +11,7 @@ from .merge import InterpolationCallback, MergeCallback, PFMCallback, VarianceCo
 from .prune import PruneCallback
 from .report import ReportWriter
 from .tasks import TaskMergeCallback
+from .wandb_log import RunLogger
 
 __all__ = [
     "DiagnosticCallback",
@@ -20,6 +21,7 @@ __all__ = [
     "PFMCallback",
     "PruneCallback",
     "ReportWriter",
+    "RunLogger",
     "RunReport",
     "TaskMergeCallback",
     "VarianceCollapseCallback",

@@ -29,7 +29,6 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
@@ -39,6 +38,8 @@ from vf_lightning.merge.session import MergeSession, MultiMode, SessionData
 from vf_lightning.models import fast_memory_format
 from vf_lightning.progress import Steps, configured, info, steps
 from vf_lightning.stats import iter_inputs
+
+from .wandb_log import EPOCH_AXIS, log_exported, log_media, log_row, start_run, wandb_run
 
 # --------------------------------------------------------------------------------------------------------------
 # isolation from the training run
@@ -100,7 +101,7 @@ def networks_of(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, n
 
 def progress_settings(trainer: L.Trainer, prefix: str = "") -> AbstractContextManager[None]:
     """Progress output as Lightning's settings say: nothing on ranks other than 0, bars only with the trainer's
-    progress bar enabled (``enable_progress_bar``); ``prefix`` goes before every line (e.g. ``epoch 3``)."""
+    progress bar enabled (``enable_progress_bar``); ``prefix`` goes before every line (e.g. ``[3 epochs]``)."""
     return configured(enabled=trainer.is_global_zero, bars=trainer.progress_bar_callback is not None, prefix=prefix)
 
 
@@ -240,7 +241,6 @@ class DiagnosticCallback(Callback):
     and ``batch_size`` bound the data every statistics pass and evaluation uses.
     """
 
-    prefix = "diag"
     min_networks = 2
 
     def __init__(
@@ -323,19 +323,17 @@ class DiagnosticCallback(Callback):
 
     # ------------------------------------------------------------------------------------------------ hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Check the module, then (rank 0) start the W&B run before any work and record this callback's options."""
         self.check_module(pl_module)
         settings = {f"callbacks/{type(self).__name__}": self.settings()}
         if trainer.is_global_zero:
+            start_run(trainer, pl_module)
             for lg in trainer.loggers:
                 lg.log_hyperparams(settings)
-            run = wandb_run(trainer)
-            if run is not None:
-                run.define_metric("epoch")
-                self.define_metrics(run)
 
-    def define_metrics(self, run: Any) -> None:
-        """Declare the W&B step axes of this callback's keys (default: ``<prefix>/*`` against ``epoch``)."""
-        run.define_metric(f"{self.prefix}/*", step_metric="epoch")
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":  # after the module's on_fit_end has exported the networks
+            log_exported(trainer, pl_module)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.at_fractions is not None and 0 in fraction_epochs(self.at_fractions, _max_epochs(trainer)):
@@ -379,12 +377,15 @@ class DiagnosticCallback(Callback):
         t0 = time.perf_counter()
         name = type(self).__name__
         fit = trainer.state.fn == "fit"
-        with progress_settings(trainer, f"epoch {completed}" if fit else ""):
-            info("%s%s: running", f"epoch {completed} " if fit else "", name)
+        tag = f"[{completed} epochs] " if fit else ""  # completed training epochs, as trained_epochs on W&B
+        with progress_settings(trainer, tag.strip()):
+            info("%s%s: running", tag, name)
             with isolated(pl_module):
                 self.run(trainer, pl_module, self.data(trainer, pl_module))
             self.seconds.append(time.perf_counter() - t0)
-            info("%s%s: done in %.1f s", f"epoch {completed} " if fit else "", name, self.seconds[-1])
+            info("%s%s: done in %.1f s", tag, name, self.seconds[-1])
+        if fit:
+            log_row(trainer, {f"timing/{name}": self.seconds[-1], EPOCH_AXIS: completed}, EPOCH_AXIS)
         if trainer.state.fn == "validate":
             st.report.add_timing({f"callback/{name}": self.seconds[-1]})
 
@@ -414,26 +415,25 @@ class DiagnosticCallback(Callback):
         return run_report(trainer)
 
     # ------------------------------------------------------------------------------------------------ logging
-    def log_scalars(self, trainer: L.Trainer, metrics: Mapping[str, float], **axes: float) -> None:
-        """Scalars to every logger (W&B, CSV, ...) from rank 0, with ``epoch`` (and any extra axes) attached;
-        also into ``trainer.callback_metrics`` so checkpointing / early stopping can monitor them."""
+    def log_scalars(self, trainer: L.Trainer, metrics: Mapping[str, float]) -> None:
+        """This run's scalars as one step of every logger (rank 0) against ``trained_epochs`` (completed training
+        epochs); also into ``trainer.callback_metrics`` so checkpointing / early stopping can monitor them."""
         values = {k: float(v) for k, v in metrics.items()}
-        if not axes:
-            self.last.update(values)
-            for k, v in values.items():
-                trainer.callback_metrics[k] = torch.tensor(v)
-        row = {**values, "epoch": float(trainer.current_epoch), **{k: float(v) for k, v in axes.items()}}
-        if trainer.is_global_zero:
-            for lg in trainer.loggers:
-                lg.log_metrics(row, step=trainer.global_step)
+        self.last.update(values)
+        for k, v in values.items():
+            trainer.callback_metrics[k] = torch.tensor(v)
+        log_row(trainer, {**values, EPOCH_AXIS: self.completed}, EPOCH_AXIS)
+
+    def log_rows(self, trainer: L.Trainer, axis: str, rows: Sequence[Mapping[str, float]]) -> None:
+        """Curves as one step per point of ``axis`` (α, layer, preserved layers, sparsity): each row holds the
+        value of every variant at that point, and the point itself under ``axis``."""
+        for row in rows:
+            log_row(trainer, row, axis)
 
     def log_wandb(self, trainer: L.Trainer, make: Callable[[], Mapping[str, Any]]) -> None:
-        """W&B-only objects (tables, plots) from ``make()`` to the WandbLogger's run, from rank 0, if there is one."""
-        run = wandb_run(trainer)
-        if run is not None:
-            payload = make()
-            if payload:
-                run.log({**payload, "epoch": trainer.current_epoch})
+        """W&B-only objects (tables, charts) from ``make()`` as one step of the run (rank 0), if there is one."""
+        if wandb_run(trainer) is not None:
+            log_media(trainer, make())
 
 
 class MergingCallback(DiagnosticCallback):
@@ -490,28 +490,3 @@ def _max_epochs(trainer: L.Trainer) -> int:
     if trainer.max_epochs is None or trainer.max_epochs < 0:
         raise ValueError("at_fractions / lmc_freq need trainer.max_epochs to be set")
     return int(trainer.max_epochs)
-
-
-def wandb_run(trainer: L.Trainer) -> Any:
-    """The W&B run of the trainer's WandbLogger (rank 0), or None without one."""
-    if not trainer.is_global_zero:
-        return None
-    for lg in trainer.loggers:
-        if isinstance(lg, WandbLogger):
-            return lg.experiment
-    return None
-
-
-def line_plot(xs: Sequence[float], curves: Mapping[str, Sequence[float]], title: str, xname: str) -> Any:
-    """A W&B line plot with one line per curve (``wandb.plot.line_series``)."""
-    import wandb
-
-    return wandb.plot.line_series(xs=list(xs), ys=[list(v) for v in curves.values()], keys=list(curves),
-                                  title=title, xname=xname)  # fmt: skip
-
-
-def table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Any:
-    """A ``wandb.Table``."""
-    import wandb
-
-    return wandb.Table(columns=list(columns), data=[list(r) for r in rows])

@@ -34,7 +34,24 @@ from vf_lightning.merge.session import (
 from vf_lightning.progress import Steps
 from vf_lightning.repair import has_normalization
 
-from .base import MergingCallback, RunReport, line_plot, lmc_fractions, table
+from .base import MergingCallback, RunReport, lmc_fractions
+from .wandb_log import (
+    ALPHA_AXIS,
+    EPOCH_AXIS,
+    LAYER_AXIS,
+    PFM_AXIS,
+    VF_LAYER_AXIS,
+    line_plot,
+    table,
+    update_config,
+)
+
+
+def chosen_layers(layers: list[str]) -> dict[str, int]:
+    """Positions of the layers followed over training: first, middle and last variance-ratio site."""
+    if not layers:
+        return {}
+    return {"first": 0, "middle": (len(layers) - 1) // 2, "last": len(layers) - 1}
 
 
 def vf_profile_reduced(model: nn.Module, data: SessionData) -> dict[str, float]:
@@ -88,13 +105,13 @@ class _Merging(MergingCallback):
 class MergeCallback(_Merging):
     """Align the networks, merge at ``alpha``, normalize, evaluate.
 
-    Logs ``merge/<matching>/<normalization>/acc`` and ``/loss`` (``none`` is always included) against ``epoch``.
-    With ``ensemble`` also ``merge/ensemble/{acc,loss}``. In ``vf merge`` it adds the report's ``endpoints``,
-    ``ensemble``, ``alignment`` (logit difference of the aligned networks and the random-permutation self-check)
-    and ``results`` rows, and offers every variant for ``merged.pt``, scored on the held-out validation half.
+    Logs ``merge/<matching>/<normalization>/acc`` and ``/loss`` (``none`` is always included) as one step against
+    ``trained_epochs``. With ``ensemble`` also ``merge/ensemble/{acc,loss}``. In ``vf merge`` it adds the
+    report's ``endpoints``, ``ensemble``, ``alignment`` (logit difference of the aligned networks and the
+    random-permutation self-check) and ``results`` rows, and offers every variant for ``merged.pt``, scored on
+    the held-out validation half.
     """
 
-    prefix = "merge"
     state_attrs = ("_rows",)
 
     def __init__(self, ensemble: bool = False, **kwargs: Any) -> None:
@@ -110,8 +127,8 @@ class MergeCallback(_Merging):
         with self.steps(len(self.matchings) * len(self.normalizations) + int(self.ensemble)) as bar:
             self._measure(trainer, s, alpha, metrics, rows, bar)
         self.log_scalars(trainer, metrics)
-        self.log_wandb(trainer, lambda: {"merge_table": table(["epoch", "matching", "normalization", "acc", "loss"],
-                                                              self._rows)})  # fmt: skip
+        self.log_wandb(trainer, lambda: {"merge_table": table([EPOCH_AXIS, "matching", "normalization", "acc",
+                                                               "loss"], self._rows)})  # fmt: skip
         if trainer.state.fn == "validate":
             self._report(trainer, s, rows)
 
@@ -126,7 +143,7 @@ class MergeCallback(_Merging):
                 rows.append({"matching": matching, "normalization": name, "preserved_layers": 0, "alpha": alpha,
                              "acc": m["acc"], "loss": m["loss"], "params_ratio": 1.0, "flops_ratio": 1.0,
                              "seconds": time.perf_counter() - t0})  # fmt: skip
-                self._rows.append([trainer.current_epoch, matching, name, m["acc"], m["loss"]])
+                self._rows.append([self.completed, matching, name, m["acc"], m["loss"]])
         if self.ensemble:
             e = s.ensemble_metrics()
             metrics["merge/ensemble/acc"], metrics["merge/ensemble/loss"] = e["acc"], e["loss"]
@@ -161,12 +178,12 @@ class InterpolationCallback(_Merging):
     ``lmc_freq`` gives record points as the reference does (fractions ``arange(0, 1, lmc_freq) ∪ {1}`` of
     ``max_epochs``; 0 = before training); otherwise every ``every_n_epochs``. ``alphas`` is a number of evenly
     spaced points or an explicit list. Normalized points use goals interpolated at the same α. Logs
-    ``lmc/e<epoch>/<matching>/<normalization>/{acc,loss}`` per α (against ``lmc/alpha``),
-    ``barrier/<matching>/<normalization>/{acc,loss}`` (against ``epoch``), and on W&B one line plot per record
-    point plus a table of every curve; in ``vf merge`` the report's ``lmc`` section. Pairs only.
+    ``lmc/e<trained_epochs>/<matching>/<normalization>/{acc,loss}`` with one step per α (against ``lmc/alpha``),
+    ``barrier/<matching>/<normalization>/{acc,loss}`` (against ``trained_epochs``), and on W&B the line plots
+    ``lmc_curves/{acc,loss}`` of the latest record point plus ``lmc_table`` of every curve; in ``vf merge`` the
+    report's ``lmc`` section. Pairs only.
     """
 
-    prefix = "lmc"
     state_attrs = ("_rows",)
     permutation_only = True
 
@@ -186,11 +203,6 @@ class InterpolationCallback(_Merging):
         self.alphas = grid
         self.lmc_freq = lmc_freq
         self._rows: list[list[Any]] = []
-
-    def define_metrics(self, run: Any) -> None:
-        run.define_metric("lmc/alpha")
-        run.define_metric("lmc/*", step_metric="lmc/alpha")
-        run.define_metric("barrier/*", step_metric="epoch")
 
     def measure(self, s: MergeSession) -> dict[str, dict[str, list[float]]]:
         """``{"<matching>/<normalization>": {"alphas", "acc", "loss"}}`` (endpoints as they are)."""
@@ -222,18 +234,18 @@ class InterpolationCallback(_Merging):
             v: {"acc": barrier(c["acc"], "acc"), "loss": barrier(c["loss"], "loss")} for v, c in curves.items()
         }
         self.log_scalars(trainer, {f"barrier/{v}/{k}": b[k] for v, b in barriers.items() for k in ("acc", "loss")})
-        for i, alpha in enumerate(self.alphas):
-            row = {f"lmc/{tag}/{v}/{k}": c[k][i] for v, c in curves.items() for k in ("acc", "loss")}
-            self.log_scalars(trainer, row, **{"lmc/alpha": alpha})
+        points = [{ALPHA_AXIS: alpha, **{f"lmc/{tag}/{v}/{k}": c[k][i] for v, c in curves.items()
+                                         for k in ("acc", "loss")}} for i, alpha in enumerate(self.alphas)]  # fmt: skip
+        self.log_rows(trainer, ALPHA_AXIS, points)
         for variant, c in curves.items():
             self._rows += [[epoch, trainer.global_step, variant, al, acc, loss]
                            for al, acc, loss in zip(c["alphas"], c["acc"], c["loss"])]  # fmt: skip
         self.log_wandb(trainer, lambda: {
-            f"lmc_curves/{tag}/acc": line_plot(self.alphas, {v: c["acc"] for v, c in curves.items()},
-                                               f"interpolation accuracy, epoch {epoch}", "alpha"),
-            f"lmc_curves/{tag}/loss": line_plot(self.alphas, {v: c["loss"] for v, c in curves.items()},
-                                                f"interpolation loss, epoch {epoch}", "alpha"),
-            "lmc_table": table(["epoch", "step", "variant", "alpha", "acc", "loss"], self._rows),
+            "lmc_curves/acc": line_plot(self.alphas, {v: c["acc"] for v, c in curves.items()},
+                                        f"interpolation accuracy after {epoch} epochs", "alpha"),
+            "lmc_curves/loss": line_plot(self.alphas, {v: c["loss"] for v, c in curves.items()},
+                                         f"interpolation loss after {epoch} epochs", "alpha"),
+            "lmc_table": table([EPOCH_AXIS, "step", "variant", "alpha", "acc", "loss"], self._rows),
         })  # fmt: skip
         if trainer.state.fn == "validate":
             rep = self.report(trainer)
@@ -248,13 +260,15 @@ class VarianceCollapseCallback(_Merging):
     The variance ratio (DESIGN §5) is, per layer, the mean over channels of std(merged) / std(goal) at the inputs
     of the activations, with goals in the merged basis — the same definition and sites in every command.
     Variants are ``<matching>/none`` (before) and ``<matching>/<normalization>`` (after). Every logger gets
-    ``variance/<variant>/{mean,min,last}`` and ``vf/<variant>/{mean,last}`` against ``epoch``; W&B also gets
-    ``variance_collapse/table`` (every epoch × variant × layer), per-epoch line plots over layers and a line
-    plot of the mean ratio against epoch; in ``vf merge`` the report's ``variance_ratio`` and
-    ``vanishing_feature`` sections.
+    ``variance/<variant>/{mean,min,first,middle,last}`` (the ratio at the first, middle and last site: the
+    over-training panel) and ``vf/<variant>/{mean,last}`` as one step against ``trained_epochs``; in ``vf merge``
+    also the per-layer curves ``variance_layer/<variant>`` (one step per site, against ``layer``) and
+    ``vf_layer/<variant>`` (against ``vf_layer``). W&B also gets ``variance_collapse/per_layer`` (a line per
+    variant over the sites, re-logged at every validation), ``variance_collapse/evolution``,
+    ``variance_collapse/table`` (every trained_epochs × variant × layer) and, in the run config,
+    ``variance_sites``; in ``vf merge`` the report's ``variance_ratio`` and ``vanishing_feature`` sections.
     """
 
-    prefix = "variance"
     state_attrs = ("_rows", "_history", "_epochs")
 
     def __init__(self, normalizations: list[str] | None = None, vanishing_feature: bool = True,
@@ -264,10 +278,7 @@ class VarianceCollapseCallback(_Merging):
         self._rows: list[list[Any]] = []
         self._history: dict[str, list[float]] = {}
         self._epochs: list[int] = []
-
-    def define_metrics(self, run: Any) -> None:
-        run.define_metric("variance/*", step_metric="epoch")
-        run.define_metric("vf/*", step_metric="epoch")
+        self._sites_logged = False
 
     def measure(self, s: MergeSession) -> dict[str, Any]:
         """``{"layers": [...], "variance": {variant: [...]}, "vf_layers": [...], "vf": {variant: [...]}}``."""
@@ -292,38 +303,52 @@ class VarianceCollapseCallback(_Merging):
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, data: SessionData) -> None:
         res = self.measure(self.session(trainer, pl_module, data))
-        epoch = trainer.current_epoch
+        epoch = self.completed
+        layers: list[str] = res["layers"]
+        chosen = chosen_layers(layers)
         scalars: dict[str, float] = {}
         for variant, v in res["variance"].items():
             finite = [x for x in v if x == x] or [float("nan")]
             scalars.update({f"variance/{variant}/mean": sum(finite) / len(finite),
-                            f"variance/{variant}/min": min(finite), f"variance/{variant}/last": v[-1]})  # fmt: skip
+                            f"variance/{variant}/min": min(finite)})  # fmt: skip
+            scalars.update({f"variance/{variant}/{pos}": v[i] for pos, i in chosen.items()})
             self._history.setdefault(variant, []).append(scalars[f"variance/{variant}/mean"])
         for variant, v in res["vf"].items():
             scalars.update({f"vf/{variant}/mean": sum(v) / len(v), f"vf/{variant}/last": v[-1]})
         self._epochs.append(epoch)
         self.log_scalars(trainer, scalars)
+        if trainer.state.fn == "validate":  # one validation: the per-layer curves as rows against the layer index
+            self.log_rows(trainer, LAYER_AXIS, [{LAYER_AXIS: i, **{f"variance_layer/{k}": v[i]
+                                                                  for k, v in res["variance"].items()}}
+                                                for i in range(len(layers))])  # fmt: skip
+            self.log_rows(trainer, VF_LAYER_AXIS, [{VF_LAYER_AXIS: i, **{f"vf_layer/{k}": v[i]
+                                                                        for k, v in res["vf"].items()}}
+                                                   for i in range(len(res["vf_layers"]))])  # fmt: skip
         for variant, v in res["variance"].items():
             e = res["vf"].get(variant)
             vf_by_layer = dict(zip(res["vf_layers"], e)) if e is not None else {}
             self._rows += [[epoch, variant, i, layer, ratio, vf_by_layer.get(layer)]
-                           for i, (layer, ratio) in enumerate(zip(res["layers"], v))]  # fmt: skip
+                           for i, (layer, ratio) in enumerate(zip(layers, v))]  # fmt: skip
 
         def payload() -> dict[str, Any]:
-            n_layers, n_vf = range(len(res["layers"])), range(len(res["vf_layers"]))
             out = {
-                "variance_collapse/table": table(["epoch", "variant", "layer_index", "layer", "variance_ratio",
+                "variance_collapse/table": table([EPOCH_AXIS, "variant", "layer_index", "layer", "variance_ratio",
                                                   "vf_ratio"], self._rows),
-                f"variance_collapse/layers/e{epoch}": line_plot(list(n_layers), res["variance"],
-                                                                f"variance ratio per layer, epoch {epoch}", "layer"),
+                "variance_collapse/per_layer": line_plot(list(range(len(layers))), res["variance"],
+                                                         f"variance ratio per layer after {epoch} epochs",
+                                                         "layer index"),
                 "variance_collapse/evolution": line_plot(self._epochs, self._history,
-                                                         "mean variance ratio over training", "epoch"),
+                                                         "mean variance ratio over training", EPOCH_AXIS),
             }  # fmt: skip
             if res["vf"]:
-                out[f"variance_collapse/vf/e{epoch}"] = line_plot(list(n_vf), res["vf"],
-                                                                  f"vanishing-feature ratio, epoch {epoch}", "layer")
+                out["variance_collapse/vf_per_layer"] = line_plot(list(range(len(res["vf_layers"]))), res["vf"],
+                                                                  f"vanishing-feature ratio after {epoch} epochs",
+                                                                  "layer index")  # fmt: skip
             return out
 
+        if trainer.is_global_zero and not self._sites_logged:
+            self._sites_logged = True
+            update_config(trainer, {"variance_sites": {"layers": layers, **{p: layers[i] for p, i in chosen.items()}}})
         self.log_wandb(trainer, payload)
         if trainer.state.fn == "validate":
             rep = self.report(trainer)
@@ -336,13 +361,13 @@ class PFMCallback(_Merging):
     """Preserve-First Merging over numbers of preserved layers: accuracy against parameter and FLOP ratios.
 
     ``preserve`` lists numbers of preserved layers (0 = full merge, -1 = every layer: the ensemble). Runs at the
-    end of fit by default (``every_n_epochs`` to run periodically). Logs
-    ``pfm/<matching>/<normalization>/p<k>/{acc,loss,params_ratio,flops_ratio}``; on W&B a table and a line plot
-    of accuracy against the FLOP ratio per normalization; in ``vf merge`` the PFM ``results`` rows, and the
+    end of fit by default (``every_n_epochs`` to run periodically). Logs one step per depth against
+    ``pfm/preserved_layers`` holding ``pfm/params_ratio``, ``pfm/flops_ratio`` and
+    ``pfm/e<trained_epochs>/<matching>/<normalization>/{acc,loss}``; on W&B ``pfm_table`` and ``pfm_plot``
+    (accuracy against parameter ratio, a line per variant); in ``vf merge`` the PFM ``results`` rows, and the
     variant that scores best on the held-out validation half is offered for ``merged_pfm.pt``. Pairs only.
     """
 
-    prefix = "pfm"
     state_attrs = ("_rows",)
 
     def __init__(self, preserve: list[int] | None = None, normalizations: list[str] | None = None,
@@ -388,7 +413,8 @@ class PFMCallback(_Merging):
             score = s.evaluate(("pfm", matching, row["preserved_layers"], row["normalization"]), pfm,
                                "select")["acc"]  # fmt: skip
             rep.offer("merged_pfm", score, pfm, f"{matching}/{row['normalization']}/k={row['preserved_layers']}",
-                      val_acc=score, test_acc=row["acc"])  # fmt: skip
+                      val_acc=score, test_acc=row["acc"], preserved_layers=row["preserved_layers"],
+                      params_ratio=row["params_ratio"], flops_ratio=row["flops_ratio"])  # fmt: skip
 
         merge = s.merge(matching, 0.5)
         # the session's statistics sites cover every non-output conv/linear, i.e. any depth's merged part
@@ -405,32 +431,34 @@ class PFMCallback(_Merging):
             return
         validate = trainer.state.fn == "validate"
         rows = self.measure(s, validate)
-        scalars = {}
+        epoch = self.completed
+        by_depth: dict[int, dict[str, float]] = {}
         for r in rows:
-            base = f"pfm/{r['matching']}/{r['normalization']}/p{r['preserved_layers']}"
-            for k in ("acc", "loss", "params_ratio", "flops_ratio"):
-                scalars[f"{base}/{k}"] = r[k]
-            self._rows.append([trainer.current_epoch, r["matching"], r["normalization"], r["preserved_layers"],
-                               r["acc"], r["loss"], r["params_ratio"], r["flops_ratio"]])  # fmt: skip
-        self.log_scalars(trainer, scalars)
+            k = r["preserved_layers"]
+            point = by_depth.setdefault(k, {PFM_AXIS: k, "pfm/params_ratio": r["params_ratio"],
+                                            "pfm/flops_ratio": r["flops_ratio"]})  # fmt: skip
+            point[f"pfm/e{epoch}/{r['matching']}/{r['normalization']}/acc"] = r["acc"]
+            point[f"pfm/e{epoch}/{r['matching']}/{r['normalization']}/loss"] = r["loss"]
+            self._rows.append([epoch, r["matching"], r["normalization"], k, r["acc"], r["loss"], r["params_ratio"],
+                               r["flops_ratio"]])  # fmt: skip
+        self.log_rows(trainer, PFM_AXIS, [by_depth[k] for k in sorted(by_depth)])
         series: dict[str, tuple[list[float], list[float]]] = {}
-        for r in rows:
+        for r in sorted(rows, key=lambda r: r["params_ratio"]):
             xs, ys = series.setdefault(f"{r['matching']}/{r['normalization']}", ([], []))
-            xs.append(r["flops_ratio"])
+            xs.append(r["params_ratio"])
             ys.append(r["acc"])
-        epoch = trainer.current_epoch
 
         def payload() -> dict[str, Any]:
             import wandb
 
             out: dict[str, Any] = {
-                "pfm_table": table(["epoch", "matching", "normalization", "preserved_layers", "acc", "loss",
+                "pfm_table": table([EPOCH_AXIS, "matching", "normalization", "preserved_layers", "acc", "loss",
                                     "params_ratio", "flops_ratio"], self._rows),
             }  # fmt: skip
             if series:
-                out[f"pfm_plot/e{epoch}"] = wandb.plot.line_series(
+                out["pfm_plot"] = wandb.plot.line_series(
                     xs=[s[0] for s in series.values()], ys=[s[1] for s in series.values()], keys=list(series),
-                    title=f"PFM accuracy vs FLOP ratio, epoch {epoch}", xname="flops_ratio",
+                    title=f"PFM accuracy vs parameter ratio after {epoch} epochs", xname="params_ratio",
                 )
             return out
 

@@ -19,7 +19,8 @@ from vf_lightning.progress import Steps
 from vf_lightning.prune import PRUNERS, normalize_pruned, prune_model, sparsity_report
 from vf_lightning.repair import Goals, auto_normalization, reference_stats
 
-from .base import DiagnosticCallback, line_plot, networks_of, table
+from .base import DiagnosticCallback, networks_of
+from .wandb_log import EPOCH_AXIS, LAYER_AXIS, SPARSITY_AXIS, line_plot, table
 
 
 @dataclass
@@ -42,13 +43,14 @@ class PruneCallback(DiagnosticCallback):
     Runs at the end of fit by default (``every_n_epochs`` to run periodically), and once in ``vf prune``. For each
     pruner and sparsity the pruned copy is evaluated as is (``none``) and after each of ``normalizations``
     (``auto`` = reset for BatchNorm, repair for LayerNorm, rescale otherwise) against the dense network's
-    statistics (one statistics pass, reused). Logs ``prune/<net>/<pruner>/s<sparsity>/<normalization>/{acc,loss}``
-    and ``prune/<net>/dense/{acc,loss}``; on W&B a table and a line plot of accuracy against sparsity; in
+    statistics (one statistics pass, reused). Logs one step per sparsity against ``prune/sparsity`` holding
+    ``prune/e<trained_epochs>/<net>/<pruner>/<normalization>/{acc,loss}`` and ``.../<pruner>/achieved_sparsity``,
+    and ``prune/<net>/dense/{acc,loss}`` against ``trained_epochs``; on W&B ``prune_table`` and ``prune_plot``
+    (accuracy against sparsity), in ``vf prune`` also ``variance_layer/<net>/...`` against ``layer``; in
     ``vf prune`` the report's ``endpoints``, ``results`` rows and ``variance_ratio``, and the best variant at the
     highest sparsity (scored on the held-out validation half) is offered for ``pruned.pt``.
     """
 
-    prefix = "prune"
     state_attrs = ("_rows",)
     min_networks = 1
 
@@ -147,34 +149,40 @@ class PruneCallback(DiagnosticCallback):
         validate = trainer.state.fn == "validate"
         scalars: dict[str, float] = {}
         nets = self._selected(networks_of(trainer, pl_module), type(pl_module).__name__)
-        epoch = trainer.current_epoch
+        epoch = self.completed
+        by_sparsity: dict[float, dict[str, float]] = {}
         for name, net in nets.items():
             res = self.measure(name, net, data, validate)
             scalars[f"prune/{name}/dense/acc"], scalars[f"prune/{name}/dense/loss"] = (res["dense"]["acc"],
                                                                                       res["dense"]["loss"])
             for r in res["rows"]:
-                base = f"prune/{name}/{r['pruner']}/s{r['sparsity']:g}"
+                base = f"prune/e{epoch}/{name}/{r['pruner']}"
                 key = "auto" if r["normalization"].startswith("auto:") else r["normalization"]
-                scalars[f"{base}/sparsity"] = r["achieved_sparsity"]
-                scalars[f"{base}/{key}/acc"], scalars[f"{base}/{key}/loss"] = r["acc"], r["loss"]
+                point = by_sparsity.setdefault(r["sparsity"], {SPARSITY_AXIS: r["sparsity"]})
+                point[f"{base}/achieved_sparsity"] = r["achieved_sparsity"]
+                point[f"{base}/{key}/acc"], point[f"{base}/{key}/loss"] = r["acc"], r["loss"]
                 self._rows.append([epoch, name, r["pruner"], r["sparsity"], r["normalization"], r["acc"], r["loss"]])
             if validate:
                 rep = self.report(trainer)
                 rep.sections.setdefault("endpoints", {})["dense" if len(nets) == 1 else f"dense_{name}"] = res["dense"]
                 rep.rows.extend(res["rows"])
-                rep.sections["variance_ratio"] = res["variance"]
+                rep.sections["variance_ratio"] = vr = res["variance"]
+                self.log_rows(trainer, LAYER_AXIS, [{LAYER_AXIS: i, **{f"variance_layer/{name}/{k}": v[i]
+                                                                 for k, v in vr["curves"].items()}}
+                                                 for i in range(len(vr["layers"]))])  # fmt: skip
         self.log_scalars(trainer, scalars)
+        self.log_rows(trainer, SPARSITY_AXIS, [by_sparsity[k] for k in sorted(by_sparsity)])
         rows = [r for r in self._rows if r[0] == epoch]
 
         def payload() -> dict[str, Any]:
             curves: dict[str, list[float]] = {}
-            for r in rows:
+            for r in sorted(rows, key=lambda r: r[3]):
                 curves.setdefault(f"{r[1]}/{r[2]}/{r[4]}", []).append(r[5])
             return {
-                "prune_table": table(["epoch", "network", "pruner", "sparsity", "normalization", "acc", "loss"],
+                "prune_table": table([EPOCH_AXIS, "network", "pruner", "sparsity", "normalization", "acc", "loss"],
                                      self._rows),
-                f"prune_plot/e{epoch}": line_plot(self.sparsities, curves, f"accuracy after pruning, epoch {epoch}",
-                                                  "sparsity"),
+                "prune_plot": line_plot(sorted(self.sparsities), curves,
+                                        f"accuracy after pruning, {epoch} training epochs", "sparsity"),
             }  # fmt: skip
 
         self.log_wandb(trainer, payload)

@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
 
 from vf_lightning.checkpoint import save_model_checkpoint
 from vf_lightning.diagnostics import (
@@ -28,7 +29,8 @@ from vf_lightning.diagnostics import (
 from vf_lightning.io import atomic_write_bytes, atomic_write_json, check_writable, clean_stale, publish_dir, staging_dir
 from vf_lightning.merge.pfm import PFMModel, save_pfm
 
-from .base import RunReport, run_report, session_timing, table, wandb_run
+from .base import RunReport, run_report, session_timing
+from .wandb_log import log_media, log_outputs, start_run, table, update_summary, wandb_run
 
 CHECKPOINT_FILES = {"merged": "merged.pt", "merged_pfm": "merged_pfm.pt", "pruned": "pruned.pt"}
 PLOT_FILES = ("lmc.png", "variance_ratio.png", "vf.png", "accuracy.png", "normalized_acc.png")
@@ -140,6 +142,8 @@ class ReportWriter(Callback):
         if trainer.is_global_zero:
             self.write(report, rep, pl_module)
             self.log_report(trainer, report)
+            log_outputs(trainer, {kind: (report[f"{kind}_checkpoint"]["path"], report[f"{kind}_checkpoint"])
+                                  for kind in CHECKPOINT_FILES if f"{kind}_checkpoint" in report})  # fmt: skip
             if self.summary:
                 print("\n" + summary_text(report) + f"\n\nreport: {Path(self.out_dir) / 'report.json'}", flush=True)
 
@@ -156,6 +160,8 @@ class ReportWriter(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         check_writable(self.out_dir)  # before any work (the CLI checks earlier still)
+        if trainer.is_global_zero:
+            start_run(trainer, pl_module)
 
     def write(self, report: dict[str, Any], rep: RunReport, pl_module: L.LightningModule) -> None:
         """Write the set (plots, checkpoints, report.json) into a staging directory next to ``out_dir``, then
@@ -230,33 +236,59 @@ class ReportWriter(Callback):
         write_report_html(report, stage)
 
     def log_report(self, trainer: L.Trainer, report: Mapping[str, Any]) -> None:
-        """Headline scalars to every logger; the results table and the plots to W&B."""
-        scalars: dict[str, float] = {}
-        for k, v in report.get("endpoints", {}).items():
-            scalars[f"endpoints/{k}/acc"], scalars[f"endpoints/{k}/loss"] = v["acc"], v["loss"]
-        if "ensemble" in report:
-            scalars["ensemble/acc"] = report["ensemble"]["acc"]
-        for kind in ("merged", "merged_pfm", "pruned"):
-            ck = report.get(f"{kind}_checkpoint")
-            if ck and ck.get("test_acc") is not None:
-                scalars[f"{kind}/acc"] = ck["test_acc"]
-        for variant, b in report.get("lmc", {}).get("barrier", {}).items():
-            scalars[f"barrier/{variant}/acc"], scalars[f"barrier/{variant}/loss"] = b["acc"], b["loss"]
+        """Headline numbers (:func:`headline`) to every logger and into the W&B run summary; the results table
+        and the plots to W&B."""
+        values = headline(report)
+        scalars = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if scalars:
             for lg in trainer.loggers:
-                lg.log_metrics(scalars, step=0)
-        run = wandb_run(trainer)
-        if run is not None:
-            rows = report.get("results", [])
-            payload: dict[str, Any] = {}
-            if rows:
-                cols = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (dict, list))))
-                payload["results"] = table(cols, [[r.get(c) for c in cols] for r in rows])
-            import wandb
+                if lg is not wandb_log_logger(trainer):
+                    lg.log_metrics(scalars, step=0)
+        update_summary(trainer, values)
+        if wandb_run(trainer) is None:
+            return
+        import wandb
 
-            for k, p in report.get("plots", {}).items():
-                if Path(p).is_file():
-                    payload[f"plots/{k}"] = wandb.Image(p)
-            if payload:
-                run.log(payload)
-            run.summary.update(scalars)
+        rows = report.get("results", [])
+        payload: dict[str, Any] = {}
+        if rows:
+            cols = list(dict.fromkeys(k for r in rows for k in r if not isinstance(r[k], (dict, list))))
+            payload["results"] = table(cols, [[r.get(c) for c in cols] for r in rows])
+        for k, p in report.get("plots", {}).items():
+            if Path(p).is_file():
+                payload[f"plots/{k}"] = wandb.Image(p)
+        log_media(trainer, payload)
+
+
+def wandb_log_logger(trainer: L.Trainer) -> Any:
+    """The trainer's WandbLogger, if any (its run gets the headline numbers as summary, not as history)."""
+    return next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+
+
+def headline(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's headline numbers: endpoints, ensemble, the best full merge at 1× parameters and the best PFM
+    system with its parameter ratio (each chosen on the validation half, reported on the test half), the best
+    pruned network, alignment self-checks and timings."""
+    out: dict[str, Any] = {}
+    for k, v in report.get("endpoints", {}).items():
+        out[f"endpoints/{k}/acc"], out[f"endpoints/{k}/loss"] = v["acc"], v["loss"]
+    if "ensemble" in report:
+        out["ensemble/acc"], out["ensemble/loss"] = report["ensemble"]["acc"], report["ensemble"]["loss"]
+    names = {"merged": "best/merge", "merged_pfm": "best/pfm", "pruned": "best/pruned"}
+    for kind, prefix in names.items():
+        ck = report.get(f"{kind}_checkpoint")
+        if not ck:
+            continue
+        out[f"{prefix}/variant"] = ck.get("variant")
+        for key in ("test_acc", "val_acc", "params_ratio", "flops_ratio", "preserved_layers", "alpha"):
+            if ck.get(key) is not None:
+                out[f"{prefix}/{'acc' if key == 'test_acc' else key}"] = ck[key]
+        if kind == "merged":
+            out[f"{prefix}/params_ratio"] = 1.0
+    for m, info in report.get("alignment", {}).items():
+        for key in ("self_check", "max_abs_logit_diff", "seconds"):
+            if info.get(key) is not None:
+                out[f"alignment/{m}/{key}"] = info[key]
+    for phase, seconds in report.get("timing", {}).items():
+        out[f"timing/{phase}"] = seconds
+    return out

@@ -21,7 +21,8 @@ from vf_lightning.merge.session import SessionData
 from vf_lightning.merge.tasks import TASK_MERGERS, check_task_options
 from vf_lightning.stats import iter_inputs
 
-from .base import DiagnosticCallback, line_plot
+from .base import DiagnosticCallback
+from .wandb_log import line_plot
 
 Correction = Literal["none", "repair", "tact"]
 METHODS: list[str] = ["task_arithmetic", "ties", "tall", "consensus"]
@@ -105,7 +106,6 @@ class TaskMergeCallback(DiagnosticCallback):
             seed (see :class:`DiagnosticCallback`).
     """
 
-    prefix = "multitask"
     min_networks = 1
 
     def __init__(

@@ -54,8 +54,9 @@ EXPECTED_KEYS = [
     "merge/weight/none/acc", "merge/weight/reset/acc", "merge/weight/reset/loss",
     "barrier/weight/none/acc", "barrier/weight/reset/loss", "lmc/e1/weight/none/acc", "lmc/e2/weight/reset/loss",
     "lmc/alpha", "variance/weight/none/mean", "variance/weight/reset/last", "vf/weight/reset/mean",
-    "pfm/weight/none/p2/acc", "pfm/weight/none/p2/flops_ratio", "prune/a/dense/acc",
-    "prune/a/global_magnitude/s0.5/none/acc", "prune/a/global_magnitude/s0.5/auto/acc",
+    "pfm/preserved_layers", "pfm/params_ratio", "pfm/e2/weight/none/acc", "prune/a/dense/acc", "prune/sparsity",
+    "prune/e2/a/global_magnitude/none/acc", "prune/e2/a/global_magnitude/auto/acc", "trained_epochs",
+    "variance/weight/reset/first", "timing/MergeCallback",
 ]  # fmt: skip
 
 

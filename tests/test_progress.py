@@ -107,6 +107,6 @@ def test_a_callback_reports_each_variant_with_its_accuracy_while_fit_validates(
     net = ModelConfig(arch="mlp", norm="none", hidden=[16], in_channels=1, image_size=32, num_classes=10)
     tr.fit(PairModule(net, OptimConfig(lr=0.05)), data)
     acc = cb.last["merge/weight/reset/acc"]
-    assert "epoch 1 MergeCallback: running" in lines
-    assert f"epoch 1 MergeCallback: weight/reset  acc {acc:.4f}" in " ".join(lines)
-    assert any(x.startswith("epoch 1 MergeCallback: done in") for x in lines)
+    assert "[1 epochs] MergeCallback: running" in lines
+    assert f"[1 epochs] MergeCallback: weight/reset  acc {acc:.4f}" in " ".join(lines)
+    assert any(x.startswith("[1 epochs] MergeCallback: done in") for x in lines)

@@ -37,6 +37,7 @@ from vf_lightning.callbacks import (
     MergeCallback,
     PruneCallback,
     ReportWriter,
+    RunLogger,
     VarianceCollapseCallback,
 )
 from vf_lightning.checkpoint import CheckpointError, read_checkpoint
@@ -198,6 +199,7 @@ class VFLightningCLI(LightningCLI):
         parser.add_argument("--overwrite", action="store_true",
                             help="vf fit: replace a previous run in the run directory (its config, checkpoints, "
                                  "logs and exported networks); without it such a rerun is refused")  # fmt: skip
+        parser.add_lightning_class_args(RunLogger, "run_logger")  # W&B: config, seed, artifacts in every run
 
     def _parse_ckpt_path(self) -> None:
         """Refuse a ``--ckpt_path`` file that does not exist or cannot be read (one line naming it) before

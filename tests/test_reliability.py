@@ -453,7 +453,7 @@ def test_fit_validate_test_and_resume_from_an_explicit_checkpoint_file(
     first = torch.load(last, weights_only=True)
     assert first["global_step"] == 4 and first["hyper_parameters"]["_class_path"].endswith("PairModule")
     rows0 = _merge_state(first)["_rows"]
-    assert [r[0] for r in rows0] == [0]
+    assert [r[0] for r in rows0] == [1]  # merge_table's first column: trained_epochs
     for cmd in ("validate", "test"):
         capsys.readouterr()
         main([cmd, "--config", cfg, "--ckpt_path", str(last)])
@@ -463,7 +463,7 @@ def test_fit_validate_test_and_resume_from_an_explicit_checkpoint_file(
     resumed = torch.load(last, weights_only=True)
     assert resumed["global_step"] == 8 and resumed["epoch"] == 1  # continued, not restarted
     state = _merge_state(resumed)
-    assert state["_rows"][0] == rows0[0] and [r[0] for r in state["_rows"]] == [0, 1]  # epoch 0 kept, not redone
+    assert state["_rows"][0] == rows0[0] and [r[0] for r in state["_rows"]] == [1, 2]  # first kept, not redone
     assert len(state["seconds"]) == 2 and sorted(d[1] for d in state["done"]) == [1, 2]
 
 

@@ -162,11 +162,16 @@ def trainer_settings(trainer: L.Trainer) -> dict[str, Any]:
 
 
 def cli_config(trainer: L.Trainer) -> tuple[dict[str, Any], str] | None:
-    """The resolved LightningCLI configuration of this run (``vf fit`` / ``vf merge`` / ``vf prune``) as a dict and
-    as YAML, read from Lightning's ``SaveConfigCallback``; None outside the CLI."""
+    """The resolved LightningCLI configuration of this run as a dict and as YAML: from Lightning's
+    ``SaveConfigCallback`` (``vf fit``) or the ``config_yaml`` the CLI hands the ``ReportWriter`` (``vf merge`` /
+    ``vf prune``); None outside the CLI."""
     for cb in trainer.callbacks:  # type: ignore[attr-defined]
         if isinstance(cb, SaveConfigCallback):
             text = cb.parser.dump(cb.config, skip_none=False)
+            return yaml.safe_load(text), text
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        text = getattr(cb, "config_yaml", None)
+        if isinstance(text, str):
             return yaml.safe_load(text), text
     return None
 

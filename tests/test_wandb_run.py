@@ -37,20 +37,19 @@ class Lines(logging.Handler):
 
 
 def fit_config(out: Path) -> Path:
-    """configs/fit/fmnist_vgg_pair.yaml (its loggers and callbacks) on a tiny MLP, 2 epochs of 128 images."""
+    """configs/fit/fmnist_vgg_pair.yaml (its loggers and callbacks) on a tiny MLP, 2 epochs of 128 images, with
+    ``out`` as its run directory."""
     cfg = yaml.safe_load((REPO / "configs" / "fit" / "fmnist_vgg_pair.yaml").read_text())
-    cfg["trainer"].update(max_epochs=2, default_root_dir=str(out), accelerator="cpu", log_every_n_steps=1,
+    cfg["trainer"].update(max_epochs=2, default_root_dir=str(out / "run"), accelerator="cpu", log_every_n_steps=1,
                           enable_model_summary=False, enable_progress_bar=False)  # fmt: skip
-    wandb_logger, csv_logger = cfg["trainer"]["logger"]
-    wandb_logger["init_args"].update(save_dir=str(out), offline=True)
-    csv_logger["init_args"].update(save_dir=str(out))
-    checkpoint, *diagnostics = cfg["trainer"]["callbacks"]
-    checkpoint["init_args"]["dirpath"] = str(out / "checkpoints")
+    loggers = [lg["class_path"].rsplit(".", 1)[1] for lg in cfg["trainer"]["logger"]]
+    assert loggers == ["WandbLogger", "CSVLogger"]
+    diagnostics = cfg["trainer"]["callbacks"][1:]
     assert {c["class_path"].rsplit(".", 1)[1] for c in diagnostics} == {
         "MergeCallback", "InterpolationCallback", "VarianceCollapseCallback"}  # fmt: skip
     for cb in diagnostics:
         cb["init_args"].update(calib_samples=64, eval_samples=64, batch_size=64)
-    cfg["model"]["init_args"].update(net=NET, export_dir=str(out))
+    cfg["model"]["init_args"]["net"] = NET
     cfg["data"]["init_args"].update(DATA)
     path = out / "fit.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -129,6 +128,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     try:
         fit_dir = tmp_path_factory.mktemp("fit")
         main(["fit", "--config", str(fit_config(fit_dir))])
+        fit_dir = fit_dir / "run"  # the run directory: wandb/, csv/, checkpoints/, net_a.pt, net_b.pt
         wandb.finish()
         fit_lines, handler.lines = handler.lines, []
         merge_dir = tmp_path_factory.mktemp("merge")

@@ -278,7 +278,6 @@ class VarianceCollapseCallback(_Merging):
         self._rows: list[list[Any]] = []
         self._history: dict[str, list[float]] = {}
         self._epochs: list[int] = []
-        self._sites_logged = False
 
     def measure(self, s: MergeSession) -> dict[str, Any]:
         """``{"layers": [...], "variance": {variant: [...]}, "vf_layers": [...], "vf": {variant: [...]}}``."""
@@ -346,9 +345,7 @@ class VarianceCollapseCallback(_Merging):
                                                                   "layer index")  # fmt: skip
             return out
 
-        if trainer.is_global_zero and not self._sites_logged:
-            self._sites_logged = True
-            update_config(trainer, {"variance_sites": {"layers": layers, **{p: layers[i] for p, i in chosen.items()}}})
+        update_config(trainer, {"variance_sites": {"layers": layers, **{p: layers[i] for p, i in chosen.items()}}})
         self.log_wandb(trainer, payload)
         if trainer.state.fn == "validate":
             rep = self.report(trainer)

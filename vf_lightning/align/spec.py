@@ -1141,7 +1141,11 @@ def _matmul(ctx: _Ctx) -> Desc:
 
 
 def _batch_dims(ctx: _Ctx, descs: list[Desc], nd: int, shapes: list[Any], out_shape: Any) -> Desc:
-    """Broadcast batch dims of several operands (linked where they have the output's size; the last wins)."""
+    """Broadcast batch dims of several operands, linked where they have the output's size.
+
+    The last operand's descriptor describes the output dim (``attn @ v``: the heads of v, which the merge of heads
+    and head dims after it reads together with v's head dims).
+    """
     result: list[Dim] = [None] * nd
     seen = [False] * nd
     for d, shape in zip(descs, shapes):
@@ -1150,9 +1154,9 @@ def _batch_dims(ctx: _Ctx, descs: list[Desc], nd: int, shapes: list[Any], out_sh
             j = off + i
             if out_shape[j] == 1 or shape[i] != out_shape[j]:
                 continue
-            result[j] = ctx.link(result[j], d[i]) if seen[j] else d[i]
             if seen[j]:
-                result[j] = d[i]
+                ctx.link(result[j], d[i])
+            result[j] = d[i]
             seen[j] = True
     return tuple(result)
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vf_lightning.data import DomainTaskDataModule, TaskSuiteDataModule
-from vf_lightning.data.tasksuite import BatchedView, digits_images, input_transform
+from vf_lightning.data import DigitsDataModule, DomainTaskDataModule, TaskSuiteDataModule
+from vf_lightning.data.tasksuite import BatchedView, input_transform, resize_images
 
 
 def _rows(ds) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -39,10 +39,19 @@ def test_transforms_are_fixed_bijections_or_maps_and_differ_from_identity() -> N
         input_transform("blur")
 
 
-def test_digits_are_resized_to_28_pixels() -> None:
-    x, y = digits_images(28)
-    assert x.shape == (1797, 28, 28) and x.dtype == torch.uint8 and y.shape == (1797,)
-    assert int(x.max()) == 255 and set(y.tolist()) == set(range(10))
+def test_digits_keep_their_split_and_are_resized_to_28_pixels() -> None:
+    dm = DomainTaskDataModule(source="digits", val_samples=100)
+    small = DigitsDataModule(num_workers=0)
+    for train in (True, False):
+        x, y = dm.load_split(train)
+        x8, y8 = small.load_split(train)
+        assert x.shape == (len(x8), 1, 28, 28) and x.dtype == torch.uint8 and torch.equal(y, y8)
+        assert int(x.max()) == 255 and set(y.tolist()) == set(range(10))
+    assert len(dm.load_split(True)[1]) + len(dm.load_split(False)[1]) == 1797
+    img = torch.zeros(1, 8, 8, dtype=torch.uint8)
+    img[0, :4] = 255  # top half bright: stays the top half after resizing
+    big = resize_images(img, 28)
+    assert big.shape == (1, 28, 28) and int(big[0, :12].min()) == 255 and int(big[0, 16:].max()) == 0
 
 
 def test_domain_task_data_module_is_deterministic_with_disjoint_splits() -> None:

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from vf_lightning.data.datamodules import (
     CIFAR10DataModule,
     CIFAR100DataModule,
+    DigitsDataModule,
     FashionMNISTDataModule,
     VisionDataModule,
     check_sizes,
@@ -69,14 +70,10 @@ def input_transform(name: str, seed: int = 0, size: int = 28) -> UInt8Map:
     return lambda x: x
 
 
-def digits_images(size: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's 1,797 digits as uint8 ``N×size×size`` (bilinear upsampling of the 8×8 images) and labels."""
-    from sklearn.datasets import load_digits  # type: ignore[import-untyped]
-
-    d = load_digits()
-    x = torch.from_numpy(d.images).float().unsqueeze(1) / 16.0
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).squeeze(1)
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8), torch.from_numpy(d.target).long()
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 images ``N×H×W`` resized to ``N×size×size`` (bilinear), e.g. the 8×8 digits to 28×28."""
+    x = F.interpolate(images.float().unsqueeze(1) / 255.0, size=(size, size), mode="bilinear", align_corners=False)
+    return (x.squeeze(1).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
 class BatchedView(Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -111,8 +108,8 @@ class DomainTaskDataModule(VisionDataModule):
     Splits: ``train`` (the source's training split minus the validation hold-out), ``val`` (``val_samples``
     held out of the training split, fixed by ``split_seed``; chooses λ in the merge), ``calib`` (``calib_samples`` of
     the training split, no augmentation), ``test`` (the source's test split; ``test_subset`` keeps the first N
-    of a fixed shuffle). Labels of ``classes`` are relabelled 0..k-1. The digits (1,797 images) are split
-    80 / 20 into train / test by a fixed permutation, as :class:`~vf_lightning.data.DigitsDataModule` does.
+    of a fixed shuffle). Labels of ``classes`` are relabelled 0..k-1. The digits (1,797 images) keep the 80 / 20
+    train / test split of :class:`~vf_lightning.data.DigitsDataModule`, resized from 8×8 to 28×28.
 
     Args:
         source: ``fashion_mnist`` (from disk, see :class:`FashionMNISTDataModule`), ``digits`` (scikit-learn; both
@@ -177,11 +174,8 @@ class DomainTaskDataModule(VisionDataModule):
     def load_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 ``N×C×H×W`` images of the split after the task's transformation, and their labels."""
         if self.source == "digits":
-            images, labels = digits_images(28)
-            perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-            cut = int(0.8 * len(labels))
-            idx = perm[:cut] if train else perm[cut:]
-            images, labels = images[idx], labels[idx]
+            images, labels = DigitsDataModule(num_workers=0).load_split(train)
+            images = resize_images(images, self.size)
         else:
             sources: dict[str, type[VisionDataModule]] = {"fashion_mnist": FashionMNISTDataModule,
                                                           "cifar10": CIFAR10DataModule, "cifar100": CIFAR100DataModule}

@@ -15,7 +15,7 @@ CALLBACKS = ROOT / "callbacks"  # installed as vf_lightning.callbacks
 # lowest first; a module may import its own layer and the layers below it
 LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"models", "data", "stats", "statedict", "registry", "io", "evaluate", "checkpoint", "loggers",
-               "distributed", "progress"}),
+               "distributed", "progress", "runtime"}),
     frozenset({"align", "repair"}),
     frozenset({"merge", "prune", "diagnostics"}),
     frozenset({"lit", "callbacks"}),

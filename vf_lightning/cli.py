@@ -46,6 +46,7 @@ from vf_lightning.io import OutputError, atomic_write_bytes, check_writable
 from vf_lightning.lit import CheckpointModule, MergeModule
 from vf_lightning.merge.session import SessionError
 from vf_lightning.progress import set_quiet
+from vf_lightning.runtime import tune_allocator
 
 USAGE = """usage: vf {fit,validate,test,merge,prune} [--config FILE.yaml] [options]
 
@@ -652,6 +653,7 @@ def fit_cli(args: Sequence[str] | None) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``vf`` console script."""
     args = list(sys.argv[1:] if argv is None else argv)
+    tune_allocator()
     if "--quiet" in args:  # no vf progress bars or progress lines (as VF_QUIET=1); Lightning's own bar stays
         set_quiet()
         args = [a for a in args if a != "--quiet"]

@@ -105,6 +105,19 @@ class ModelGraph:
                              f"{list(self._calls)}")
         return calls[0]
 
+    def sole_source(self, module_name: str) -> str | None:
+        """The leaf module whose output is exactly what ``module_name`` reads, or ``None``.
+
+        Both are called once and that output feeds nothing else (no in-place op can touch it in between), so
+        ``module_name``'s input statistics are that module's output statistics.
+        """
+        calls = self._calls.get(module_name, [])
+        src = calls[0].args[0] if len(calls) == 1 and calls[0].args else None
+        if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
+            return None
+        name = str(src.target)
+        return name if len(self._calls.get(name, [])) == 1 else None
+
     def module(self, module_name: str) -> nn.Module:
         """The leaf module ``module_name`` (the model's own object)."""
         return self.gm.get_submodule(module_name)

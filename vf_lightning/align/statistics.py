@@ -26,6 +26,7 @@ from vf_lightning.stats import (
     channel_layout,
     channel_matrix,
     compute_dtype,
+    gram,
     initial_shift,
     is_distributed,
     iter_inputs,
@@ -68,7 +69,8 @@ class CrossMoments:
         """Add paired centred batches: one matmul in their dtype, combined in float64."""
         if ba.n != bb.n:
             raise ValueError(f"paired batches need the same positions, got {ba.n} and {bb.n}")
-        self.combine(ba.n, ba.mean(), ba.m2(), bb.mean(), bb.m2(), ba.comoment(bb))
+        cross = ba.comoment(bb)
+        self.combine(ba.n, ba.mean(), ba.m2(), bb.mean(), bb.m2(), cross)
 
     def update(self, fa: torch.Tensor, fb: torch.Tensor) -> None:
         """Add paired ``C × M`` observations of A and B (centred and multiplied in their dtype)."""
@@ -150,7 +152,7 @@ def record_sites(model: nn.Module, sites: Sequence[SiteKey],
         yield store
 
 
-JOINT_MAX_CHANNELS = 64  # up to this many channels one Gram matrix of [c_A | c_B | 1] beats separate passes
+JOINT_MAX_CHANNELS = 16  # cross mode: up to this many channels one Gram of [c_A | c_B | 1] is as fast as apart
 
 
 @dataclass(frozen=True)
@@ -213,7 +215,7 @@ class _PairRecorder:
         if k in self.bufs:
             buf = self.bufs[k]
             n, c2 = buf.shape[0], buf.shape[1] - 1
-            g = (buf.t() @ buf).to(torch.float64)
+            g = gram(buf, buf)
             total = g[:c2, c2]
             com = g[:c2, :c2] - torch.outer(total, total) / max(n, 1)
             return _PairBatch(n, s_ab + total / max(n, 1), com.diagonal().clamp_min(0), com)
@@ -221,7 +223,8 @@ class _PairRecorder:
         assert ba is not None and bb is not None
         if ba.n != bb.n:
             raise ValueError(f"site {k} has {ba.n} positions in A but {bb.n} in B")
-        return _PairBatch(ba.n, torch.cat([ba.mean(), bb.mean()]), torch.cat([ba.m2(), bb.m2()]), ba.comoment(bb))
+        cross = ba.comoment(bb)  # before the batches are consumed by their squares
+        return _PairBatch(ba.n, torch.cat([ba.mean(), bb.mean()]), torch.cat([ba.m2(True), bb.m2(True)]), cross)
 
 
 def _key(s: Site) -> SiteKey:

@@ -98,20 +98,27 @@ class Timer:
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self._open: list[float] = []  # per open phase: the seconds of the phases nested in it
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        """Time a phase; a phase opened inside another (matching inside merging) is counted once, as its own."""
         sync = torch.cuda.is_available() and torch.cuda.is_initialized()
         if sync:
             torch.cuda.synchronize()
         status(name)
         t0 = time.perf_counter()
+        self._open.append(0.0)
         try:
             yield
         finally:
             if sync:
                 torch.cuda.synchronize()
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            nested = self._open.pop()
+            self.seconds[name] = self.seconds.get(name, 0.0) + dt - nested
+            if self._open:
+                self._open[-1] += dt
 
 
 class Ensemble(nn.Module):

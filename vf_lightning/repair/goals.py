@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from vf_lightning.align.graph import ModelGraph
+from vf_lightning.align.spec import UnsupportedOpError
 from vf_lightning.stats import stream_moments
 
 
@@ -67,11 +69,56 @@ def reference_stats(
     for m in models:
         m.eval()
     try:
-        moments = stream_moments(models, [names] * len(models), loader, max_samples=max_samples)
+        derived = affine_derived_sites(models[0], names)
+        measured = [n for n in names if n not in derived]
+        moments = stream_moments(models, [measured] * len(models), loader, max_samples=max_samples)
+        out = []
+        for model, mom in zip(models, moments):
+            mean = {n: mom[n].mean for n in measured}
+            std = {n: mom[n].std for n in measured}
+            modules = dict(model.named_modules())
+            for bn, src in derived.items():  # eval BatchNorm: y = s·x + t per channel, exactly in float64
+                scale, shift = batchnorm_affine(modules[bn])
+                mean[bn], std[bn] = scale * mean[src] + shift, scale.abs() * std[src]
+            out.append(Goals({n: mean[n] for n in names}, {n: std[n] for n in names}))
     finally:
-        for m, t in zip(models, modes):
-            m.train(t)
-    return [Goals({n: mom[n].mean for n in names}, {n: mom[n].std for n in names}) for mom in moments]
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    return out
+
+
+def batchnorm_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, t)`` of an eval-mode BatchNorm with running statistics, ``y = s·x + t`` per channel, in float64."""
+    rm, rv = bn.running_mean, bn.running_var
+    assert isinstance(rm, torch.Tensor) and isinstance(rv, torch.Tensor)
+    s = 1 / (rv.to(torch.float64) + float(bn.eps)).sqrt()  # type: ignore[arg-type]
+    w, b = bn.weight, bn.bias
+    if isinstance(w, torch.Tensor):
+        s = s * w.detach().to(torch.float64)
+    t = -s * rm.to(torch.float64)
+    if isinstance(b, torch.Tensor):
+        t = t + b.detach().to(torch.float64)
+    return s, t
+
+
+def affine_derived_sites(model: nn.Module, sites: Sequence[str]) -> dict[str, str]:
+    """Sites whose output statistics follow from another site's: ``{bn: source}`` for every eval-mode BatchNorm
+    with running statistics (a fixed per-channel affine map) that reads exactly the output of site ``source``.
+
+    One statistics pass then records ``source`` only; an untraceable model derives nothing.
+    """
+    names = set(sites)
+    modules = dict(model.named_modules())
+    bns = [n for n in sites if isinstance(modules.get(n), _BatchNorm) and not modules[n].training
+           and modules[n].track_running_stats and modules[n].running_mean is not None]
+    if not bns:
+        return {}
+    try:
+        graph = ModelGraph.of(model)
+    except UnsupportedOpError:
+        return {}
+    pairs = {bn: graph.sole_source(bn) for bn in bns}
+    return {bn: src for bn, src in pairs.items() if src is not None and src in names and src not in pairs}
 
 
 def combine_goals(stats: Sequence[Goals], weights: Sequence[float] | None = None) -> Goals:

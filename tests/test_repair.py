@@ -291,3 +291,73 @@ def test_normalization_of_a_model_against_itself_changes_nothing() -> None:
         torch.testing.assert_close(out(x), a(x), rtol=1e-4, atol=1e-5)
     loose = normalize(a, "repair", loader, refs=[a])  # default ε = 1e-5 perturbs only slightly
     torch.testing.assert_close(loose(x), a(x), rtol=1e-2, atol=1e-3)
+
+
+def _same_correction(model: nn.Module, run: object, monkeypatch: pytest.MonkeyPatch, exact: bool) -> None:
+    """``run(model)`` with the cached walk and with one truncated pass per level give the same model."""
+    from vf_lightning.repair import correct
+
+    walked = run(model)  # type: ignore[operator]
+    monkeypatch.setattr(correct, "CACHE_BYTES", 0)
+    passes = run(model)  # type: ignore[operator]
+    sw, sp = walked.state_dict(), passes.state_dict()
+    assert sw.keys() == sp.keys()
+    for k in sw:
+        if exact:
+            assert torch.equal(sw[k], sp[k]), k
+        else:
+            torch.testing.assert_close(sw[k], sp[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch,norm,at", [("vgg11", "bn", "producers"), ("resnet20", "bn", "producers"),
+                                          ("resnet20", "ln", "producers"), ("resnet20", "ln", "norms")])
+def test_cached_walk_gives_the_per_level_passes_result(arch: str, norm: str, at: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """RESET is bit-identical; REPAIR agrees to float rounding (corrected conv outputs are rescaled, not rerun);
+    covers residual adds, in-place ReLUs and norm-layer sites (recomputed after their correction)."""
+    from vf_lightning.align import ModelGraph
+
+    a, b = _pair(arch, norm)
+    loader = _small(arch)
+    merged = interpolate_models(a, b, 0.5)
+    sites = default_correction_sites(merged) if at == "producers" else ModelGraph.of(merged).variance_sites()
+    assert at == "producers" or all(isinstance(dict(merged.named_modules())[s], nn.LayerNorm | nn.GroupNorm)
+                                    or not isinstance(dict(merged.named_modules())[s], nn.Conv2d) for s in sites)
+    goals = compute_goals([a, b], loader, [0.5, 0.5], sites)
+    if norm == "bn":
+        _same_correction(merged, lambda m: reset_bn_stats(m, loader), monkeypatch, exact=True)
+    _same_correction(merged, lambda m: affine_correct(m, goals, loader, "repair"), monkeypatch, exact=False)
+
+
+def test_cached_walk_refuses_an_inplace_op_whose_operand_is_read_again() -> None:
+    from vf_lightning.align.graph import GraphWalk, ModelGraph
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.c1(x)
+            z = self.c2(y)
+            y.add_(1)  # in place, and y has another reader (c2): execution order matters
+            return z + y
+
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.relu = nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.relu(self.c1(x).add_(1))  # in place on a value nothing else reads
+
+    assert not GraphWalk.supported(ModelGraph.of(Shared()))
+    assert GraphWalk.supported(ModelGraph.of(Plain()))
+    torch.manual_seed(0)
+    a, b = Shared(), Shared()
+    loader = _loader()
+    goals = compute_goals([a, b], loader, sites=["c1", "c2"])
+    fixed = affine_correct(interpolate_models(a, b, 0.5), goals, loader, eps=1e-10)  # the per-level passes
+    stats = _site_stats(fixed, ["c1", "c2"], loader)
+    for s in ["c1", "c2"]:
+        torch.testing.assert_close(stats[s].std, goals.std[s], rtol=1e-3, atol=1e-4)

@@ -32,7 +32,7 @@ from vf_lightning.align.spec import (
     trace,
 )
 
-__all__ = ["AFFINE_TYPES", "CORRECTION_RULES", "NORM_TYPES", "ModelGraph", "trace"]
+__all__ = ["AFFINE_TYPES", "CORRECTION_RULES", "NORM_TYPES", "GraphWalk", "ModelGraph", "trace"]
 
 CORRECTION_RULES = ("spec", "all")
 _ADD_FUNCTIONS: set[Callable[..., Any]] = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add,
@@ -320,3 +320,123 @@ class ModelGraph:
                         and self._inputs(u) == [n]:
                     stack.append(u)
         return False
+
+
+_INPLACE_FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {
+    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+}
+
+
+class GraphWalk:
+    """Run a traced graph over a fixed list of input batches a few nodes at a time, keeping every computed value
+    that a node not yet computed still reads (per batch).
+
+    :meth:`compute` evaluates target nodes from what is kept (each node once until :meth:`invalidate` drops it);
+    the sequential corrections use it to visit their levels in one forward pass overall instead of one truncated
+    pass from the input per level. In-place ops run out of place (same values: each one's operand has no other
+    reader); :meth:`create` returns ``None`` for a graph where an in-place op's operand has another reader.
+    """
+
+    def __init__(self, graph: ModelGraph, inputs: Sequence[torch.Tensor]) -> None:
+        self.graph = graph
+        self.gm = graph.gm
+        self._index = graph._index
+        placeholders = [n for n in graph._nodes if n.op == "placeholder"]
+        self.envs: list[dict[fx.Node, Any]] = [{placeholders[0]: x} for x in inputs]
+        for env in self.envs:  # further (defaulted) placeholders take their defaults
+            for p in placeholders[1:]:
+                env[p] = p.args[0] if p.args else None
+
+    @staticmethod
+    def supported(graph: ModelGraph) -> bool:
+        """Whether every in-place op of the graph is the only reader of its operand (and it has one input)."""
+        placeholders = [n for n in graph._nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            return False
+        for n in graph._nodes:
+            if _inplace(n, graph.gm):
+                first = n.args[0] if n.args else None
+                if not isinstance(first, fx.Node) or len(first.users) > 1:
+                    return False
+        return True
+
+    def compute(self, env: dict[fx.Node, Any], targets: Iterable[fx.Node]) -> list[Any]:
+        """The values of ``targets`` in one batch's ``env``, computing what is missing in graph order."""
+        targets = list(targets)
+        need: set[fx.Node] = set()
+        stack = [t for t in targets if t not in env]
+        while stack:
+            n = stack.pop()
+            if n in need or n in env:
+                continue
+            need.add(n)
+            stack.extend(a for a in n.all_input_nodes if a not in env)
+        for n in sorted(need, key=self._index.__getitem__):
+            env[n] = self._run(n, env)
+        return [env[t] for t in targets]
+
+    def _run(self, n: fx.Node, env: dict[fx.Node, Any]) -> Any:
+        args = fx.node.map_arg(n.args, lambda a: env[a])
+        kwargs = dict(fx.node.map_arg(n.kwargs, lambda a: env[a]))
+        if n.op == "get_attr":
+            return _attr(self.gm, str(n.target))
+        if n.op == "call_module":
+            mod = self.gm.get_submodule(str(n.target))
+            if getattr(mod, "inplace", False) is True:
+                mod.inplace = False  # type: ignore[assignment]
+                try:
+                    return mod(*args, **kwargs)
+                finally:
+                    mod.inplace = True  # type: ignore[assignment]
+            return mod(*args, **kwargs)
+        if n.op == "call_function":
+            fn = _INPLACE_FUNCTIONS.get(n.target, n.target)  # type: ignore[arg-type]
+            if kwargs.get("inplace") is True:
+                kwargs["inplace"] = False
+            return fn(*args, **kwargs)
+        if n.op == "call_method":
+            name = str(n.target)
+            if name.endswith("_") and not name.startswith("_") and hasattr(torch.Tensor, name[:-1]):
+                name = name[:-1]
+            return getattr(args[0], name)(*args[1:], **kwargs)
+        raise ValueError(f"GraphWalk cannot run node {n.name} ({n.op})")
+
+    def invalidate(self, nodes: Iterable[fx.Node]) -> None:
+        """Forget ``nodes`` and everything computed from them (their modules changed)."""
+        drop = set(nodes)
+        for n in self.graph._nodes:
+            if any(a in drop for a in n.all_input_nodes):
+                drop.add(n)
+        for env in self.envs:
+            for n in drop:
+                env.pop(n, None)
+
+    def release(self) -> None:
+        """Drop every value all of whose readers are computed (nothing left needs it)."""
+        for env in self.envs:
+            dead = [n for n in env if n.op != "placeholder" and n.users and all(u in env for u in n.users)]
+            for n in dead:
+                del env[n]
+
+    def live_bytes(self) -> int:
+        """Bytes of the tensors kept over all batches."""
+        seen: set[int] = set()
+        total = 0
+        for env in self.envs:
+            for v in env.values():
+                if isinstance(v, torch.Tensor) and v.data_ptr() not in seen:
+                    seen.add(v.data_ptr())
+                    total += v.numel() * v.element_size()
+        return total
+
+
+def _inplace(n: fx.Node, root: nn.Module) -> bool:
+    if n.op == "call_function":
+        return n.target in _INPLACE_FUNCTIONS or n.kwargs.get("inplace") is True
+    if n.op == "call_method":
+        name = str(n.target)
+        return name.endswith("_") and not name.startswith("_")
+    if n.op == "call_module":
+        return getattr(root.get_submodule(str(n.target)), "inplace", False) is True
+    return False

@@ -11,16 +11,20 @@ loader is iterated once per level and must yield the same data each time.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import torch
+import torch.fx as fx
 from torch import nn
 
+from vf_lightning.align.graph import AFFINE_TYPES, GraphWalk, ModelGraph
+from vf_lightning.distributed import all_reduce_max
 from vf_lightning.repair.fold import fold_affine
 from vf_lightning.repair.goals import Goals
 from vf_lightning.repair.sites import SiteKind, SitePlan, batchnorm_sites, plan_sites
-from vf_lightning.stats import Moments, accumulate_moments, iter_inputs, model_device
+from vf_lightning.stats import Moments, Scratch, accumulate_moments, channel_layout, iter_inputs, model_device
 
 AffineMethod = Literal["repair", "rescale", "reshift"]
 OutputHandler = Callable[[str, Moments], "tuple[torch.Tensor, torch.Tensor] | None"]
@@ -61,6 +65,10 @@ def sequential_estimate(
     try:
         plan = plan_sites(model, kinds, _first_input(data, device))
         modules = dict(model.named_modules())
+        walk = _cached_walk(model, plan, data, device, max_samples)
+        if walk is not None:
+            _walk_levels(walk, plan, kinds, modules, on_output)
+            return plan
         for level, runner in zip(plan.levels, plan.runners):
             outs = [n for n in level if kinds[n] == "output"]
             bns = [n for n in level if kinds[n] == "bn"]
@@ -81,6 +89,96 @@ def sequential_estimate(
     finally:
         model.train(was_training)
     return plan
+
+
+CACHE_BYTES = int(float(os.environ.get("VF_REPAIR_CACHE_MB", "2048")) * 2**20)
+
+
+def _cached_walk(model: nn.Module, plan: SitePlan, data: Iterable[object], device: torch.device,
+                 max_samples: int | None) -> GraphWalk | None:  # fmt: skip
+    """A :class:`GraphWalk` over the calibration inputs when the graph allows it and what it keeps stays within
+    :data:`CACHE_BYTES` (``VF_REPAIR_CACHE_MB``; estimated by walking two samples first), else ``None``."""
+    if not plan.traced or len(plan.levels) < 2 or CACHE_BYTES <= 0:
+        return None
+    graph = ModelGraph.of(model)
+    fits = GraphWalk.supported(graph)
+    inputs: list[torch.Tensor] = []
+    if fits:
+        head = _first_input(data, device)[:2]
+        probe = GraphWalk(graph, [head])
+        per_sample = 0.0
+        for level in plan.levels:
+            probe.compute(probe.envs[0], _level_nodes(graph, level, plan.kinds))
+            per_sample = max(per_sample, probe.live_bytes() / head.shape[0])
+            probe.release()
+        kept = 0.0
+        for x in iter_inputs(data, device, max_samples):
+            kept += x.shape[0] * per_sample + x.numel() * x.element_size()
+            if kept > CACHE_BYTES:
+                fits, inputs = False, []
+                break
+            inputs.append(x)
+    # every rank takes the same path (their statistics are all-reduced level by level)
+    if all_reduce_max(0.0 if fits and inputs else 1.0, device) > 0:
+        return None
+    return GraphWalk(graph, inputs)
+
+
+def _level_nodes(graph: ModelGraph, level: Sequence[str], kinds: dict[str, SiteKind]) -> list[fx.Node]:
+    """The nodes whose values a level's statistics read: output sites' own nodes, BN sites' inputs."""
+    out = []
+    for name in level:
+        node = graph.node_of(name)
+        out.append(node if kinds[name] == "output" else node.args[0])  # type: ignore[arg-type]
+    return out  # type: ignore[return-value]
+
+
+def _walk_levels(walk: GraphWalk, plan: SitePlan, kinds: dict[str, SiteKind], modules: dict[str, nn.Module],
+                 on_output: OutputHandler) -> None:  # fmt: skip
+    """The level loop of :func:`sequential_estimate` on cached values: each node runs once after the corrections
+    upstream of it (a corrected Conv/Linear output is rescaled in place, ``a·y + c``, rather than recomputed)."""
+    graph = walk.graph
+    for level in plan.levels:
+        level = [n for n in level if kinds[n] == "output"] + [n for n in level if kinds[n] == "bn"]  # reduce order
+        nodes = _level_nodes(graph, level, kinds)
+        moms: dict[str, Moments] = {}
+        scratch = Scratch()
+        for env in walk.envs:
+            for name, v in zip(level, walk.compute(env, nodes)):
+                if name not in moms:
+                    moms[name] = Moments(v.shape[channel_layout(v)[0]], device=v.device)
+                moms[name].add(v, scratch=scratch)
+        for name in level:
+            moms[name].all_reduce()
+        stale = []
+        for name in level:
+            mom = moms[name]
+            if kinds[name] == "bn":
+                _set_bn_stats(modules[name], mom.mean, mom.var)
+                continue
+            ac = on_output(name, mom)
+            a, c = ac if ac is not None else (torch.ones_like(mom.mean), torch.zeros_like(mom.mean))
+            for bn, src in plan.derived.items():
+                if src == name:
+                    _set_bn_stats(modules[bn], a * mom.mean + c, a * a * mom.var)
+            if ac is None:
+                continue
+            node = graph.node_of(name)
+            if isinstance(modules[name], AFFINE_TYPES):
+                for env in walk.envs:
+                    _rescale(env[node], a, c)
+            else:  # a norm layer took the correction into its weights: recompute it
+                stale.append(node)
+        walk.invalidate(stale)
+        walk.release()
+
+
+def _rescale(v: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> None:
+    """``v ← a·v + c`` per channel, in place (what the layer with the correction folded in outputs)."""
+    cd, _ = channel_layout(v)
+    shape = [1] * v.dim()
+    shape[cd] = -1
+    v.mul_(a.to(v).view(shape)).add_(c.to(v).view(shape))
 
 
 def _set_bn_stats(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> None:

@@ -2,10 +2,12 @@
 
 Every statistic is an exact population mean / variance over the calibration inputs (float64, streamed,
 DDP-reduced), measured in eval mode *after* all corrections and BatchNorm statistics upstream of it were
-fixed. Sites are processed level by level (see :mod:`vf_lightning.repair.sites` for the cost: one
-truncated forward pass per level). With ``max_samples`` the first ``max_samples`` inputs are cached on
-the CPU once, so every pass sees the same data even from a shuffled or augmented loader; without it the
-loader is iterated once per level and must yield the same data each time.
+fixed. Sites are processed level by level (see :mod:`vf_lightning.repair.sites`): over the calibration
+inputs cached on the model's device, each node computed once after the corrections upstream of it (one
+forward pass in all), or, when those values would exceed ``VF_REPAIR_CACHE_MB`` (default 2048) or an in-place
+op reads a value something else reads too, one truncated forward pass per level. With ``max_samples`` the
+first ``max_samples`` inputs are cached on the CPU once, so every pass sees the same data even from a shuffled
+or augmented loader; without it the loader must yield the same data each time it is iterated.
 """
 
 from __future__ import annotations

@@ -4,12 +4,14 @@ A *statistics site* is either the output of a Conv/Linear layer (where REPAIR-st
 sit) or the input of a BatchNorm layer (whose running statistics RESET re-estimates). Exact sequential
 estimation needs every site measured after all sites upstream of it were fixed. With the model's traced
 graph (:class:`~vf_lightning.align.graph.ModelGraph`) we group sites into *levels* (no site of a level is
-upstream of another one of the same level) and run, per level, the graph truncated right after its last
-site: the cost is one partial forward pass per level, i.e. roughly ``(levels + 1) / 2`` full passes for
-layers of similar cost. A BatchNorm fed directly by a corrected conv needs no pass of its own: its input
-statistics follow from the conv's (``mean' = a·m + c``, ``var' = a²·v``). Models that cannot be traced fall
-back to one full forward per site, in execution order (exact, slower). Which layers are corrected by default
-is the traced graph's rule (:meth:`~vf_lightning.align.graph.ModelGraph.correction_sites`).
+upstream of another one of the same level). :func:`~vf_lightning.repair.sequential_estimate` walks the levels
+over cached values (:class:`~vf_lightning.align.graph.GraphWalk`: every node runs once after the corrections
+upstream of it, one forward pass in all) when what it keeps fits ``VF_REPAIR_CACHE_MB``; otherwise it runs,
+per level, the graph truncated right after its last site (``runners``): one partial forward pass per level,
+roughly ``(levels + 1) / 2`` full passes. A BatchNorm fed directly by a corrected conv needs no pass of its
+own: its input statistics follow from the conv's (``mean' = a·m + c``, ``var' = a²·v``). Models that cannot
+be traced fall back to one full forward per site, in execution order (exact, slower). Which layers are
+corrected by default is the traced graph's rule (:meth:`~vf_lightning.align.graph.ModelGraph.correction_sites`).
 """
 
 from __future__ import annotations

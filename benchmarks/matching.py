@@ -3,7 +3,9 @@
 1. Weight matching of a CIFAR VGG16-BN pair and a torchvision ResNet-50 pair against a plain coordinate
    descent kept here as the baseline (every group solved every sweep, costs on CPU): total seconds, sweeps,
    the time ratio ``wm_over_baseline`` and whether both reach the same objective.
-2. Activation-statistics pass over N samples ÷ plain no-grad forward passes of both models over the same N.
+2. Activation-statistics pass over N samples ÷ plain no-grad forward passes of both models over the same N, for
+   VGG16-BN and ResNet-20: ``stats_over_forward`` for activation matching (the A×B cross block),
+   ``zip_cca_stats_over_forward`` for the full ``2C × 2C`` moments ZipIt and CCA read.
 
 Run: ``python benchmarks/matching.py [--samples 512] [--batch 128] [--json F]``.
 """
@@ -22,6 +24,7 @@ from vf_lightning.align import activation_statistics, build_permutation_spec, so
 from vf_lightning.align.permute import expand_index, identity_perms, invert_perm, permute_state_dict
 from vf_lightning.align.spec import PermAxis, PermutationSpec
 from vf_lightning.models import ModelConfig, build_model, fast_memory_format
+from vf_lightning.runtime import tune_allocator
 
 
 def _mat(t: torch.Tensor, ax: PermAxis, size: int) -> torch.Tensor:
@@ -135,6 +138,7 @@ def main() -> None:
     p.add_argument("--contiguous", action="store_true", help="statistics models in NCHW, not channels_last")
     p.add_argument("--json", help="write the measured ratios to this file")
     args = p.parse_args()
+    tune_allocator()  # as the vf command does
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
@@ -155,7 +159,11 @@ def main() -> None:
                                                  None if prec == "native" else prec, device, args.repeats,
                                                  not args.contiguous))
         out["statistics"] = rows
-        out["stats_over_forward"] = max(r["ratio"] for r in rows)
+        # activation matching reads the cross block; ZipIt / CCA the full 2C×2C moments (reported apart)
+        out["stats_over_forward"] = max(r["ratio"] for r in rows if r["kind"].startswith("cross"))
+        out["zip_cca_stats_over_forward"] = max(r["ratio"] for r in rows if r["kind"].startswith("2C"))
+        print(f"stats_over_forward={out['stats_over_forward']:.2f} (activation matching; target ≤ 1.3), "
+              f"zip_cca_stats_over_forward={out['zip_cca_stats_over_forward']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -12,12 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from vf_lightning.runtime import tune_allocator
-
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
-tune_allocator()  # as the vf command does
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

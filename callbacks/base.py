@@ -19,7 +19,6 @@ import copy
 import math
 import random
 import time
-import weakref
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from vf_lightning.models import fast_memory_format
 from vf_lightning.progress import Steps, configured, info, steps
 from vf_lightning.stats import iter_inputs
 
-from .wandb_log import EPOCH_AXIS, log_exported, log_media, log_row, start_run, wandb_run
+from .wandb_log import EPOCH_AXIS, PerTrainer, log_exported, log_media, log_row, start_run, wandb_run
 
 # --------------------------------------------------------------------------------------------------------------
 # isolation from the training run
@@ -190,13 +189,7 @@ class _ValidationState:
         self.report = RunReport()
 
 
-_STATE: weakref.WeakKeyDictionary[L.Trainer, _ValidationState] = weakref.WeakKeyDictionary()
-
-
-def _state(trainer: L.Trainer) -> _ValidationState:
-    if trainer not in _STATE:
-        _STATE[trainer] = _ValidationState()
-    return _STATE[trainer]
+_state = PerTrainer(_ValidationState)
 
 
 def run_report(trainer: L.Trainer) -> RunReport:

@@ -23,10 +23,10 @@ import re
 import sys
 import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import lightning as L
 import yaml
@@ -52,13 +52,23 @@ class _RunState:
     exported: bool = False
 
 
-_RUNS: weakref.WeakKeyDictionary[L.Trainer, _RunState] = weakref.WeakKeyDictionary()
+S = TypeVar("S")
 
 
-def _run_state(trainer: L.Trainer) -> _RunState:
-    if trainer not in _RUNS:
-        _RUNS[trainer] = _RunState()
-    return _RUNS[trainer]
+class PerTrainer(Generic[S]):
+    """State kept per trainer (dropped with it): ``store(trainer)`` makes it with ``factory`` on first use."""
+
+    def __init__(self, factory: Callable[[], S]) -> None:
+        self.factory = factory
+        self._by_trainer: weakref.WeakKeyDictionary[L.Trainer, S] = weakref.WeakKeyDictionary()
+
+    def __call__(self, trainer: L.Trainer) -> S:
+        if trainer not in self._by_trainer:
+            self._by_trainer[trainer] = self.factory()
+        return self._by_trainer[trainer]
+
+
+_run_state = PerTrainer(_RunState)
 
 
 def wandb_run(trainer: L.Trainer) -> Any:

@@ -361,3 +361,14 @@ def test_cached_walk_refuses_an_inplace_op_whose_operand_is_read_again() -> None
     stats = _site_stats(fixed, ["c1", "c2"], loader)
     for s in ["c1", "c2"]:
         torch.testing.assert_close(stats[s].std, goals.std[s], rtol=1e-3, atol=1e-4)
+
+
+def test_cached_walk_on_a_vit_gives_the_per_level_passes_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Token features (N×L×C sites), class token / positional embedding attributes, attention reshapes."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="vit", image_size=16, in_channels=3, patch=4, dim=32, depth=2, heads=4, num_classes=10)
+    a, b = build_model(cfg).eval(), build_model(cfg).eval()
+    loader = _loader(n=40, shape=(3, 16, 16), bs=16)
+    merged = interpolate_models(a, b, 0.5)
+    goals = compute_goals([a, b], loader, [0.5, 0.5], default_correction_sites(merged))
+    _same_correction(merged, lambda m: affine_correct(m, goals, loader, "repair"), monkeypatch, exact=False)

@@ -171,7 +171,7 @@ def _identity_maps(spec: PermutationSpec, device: torch.device) -> Maps:
 # graph surgery
 
 
-def _suffix_graph(graph: fx.Graph, transitions: Sequence[str], flatten: Sequence[bool]) -> fx.Graph:
+def _suffix_graph(graph: fx.Graph, transitions: Sequence[str]) -> fx.Graph:
     """``graph`` with transition ``i`` replaced by its mixer applied to the extra placeholder ``pfm_in_i``."""
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -254,7 +254,7 @@ class PFMModel(nn.Module):
     """
 
     def __init__(self, a: nn.Module | None, b: nn.Module | None, merged: nn.Module, preserved: int,
-                 transitions: Sequence[str], flatten: Sequence[bool], layers: Sequence[str],
+                 transitions: Sequence[str], linear: Sequence[bool], layers: Sequence[str],
                  outputs: Sequence[str]) -> None:
         super().__init__()
         self.a = a
@@ -262,7 +262,7 @@ class PFMModel(nn.Module):
         self.merged = merged
         self.preserved = int(preserved)
         self.transitions = list(transitions)
-        self.flatten = [bool(f) for f in flatten]
+        self.linear = [bool(f) for f in linear]  # per transition: a Linear (features on the last dim)
         self.layers = list(layers)
         self.outputs = list(outputs)
 
@@ -271,8 +271,8 @@ class PFMModel(nn.Module):
             return self.merged(x)
         ya, yb = self.a(x), self.b(x)
         pairs = []
-        for i, flat in enumerate(self.flatten):
-            if flat:  # Linear outputs: features on the last dim, interleaved A0, B0, A1, B1, ...
+        for i, lin in enumerate(self.linear):
+            if lin:  # Linear outputs: features on the last dim, interleaved A0, B0, A1, B1, ...
                 pairs.append(torch.stack([ya[i], yb[i]], -1).flatten(-2))
             else:  # conv outputs: channels (dim 1) interleaved
                 pairs.append(torch.stack([ya[i], yb[i]], 2).flatten(1, 2))
@@ -376,12 +376,12 @@ class PreserveFirstMerger:
         a = self.model_graph.truncated(trans, root=copy.deepcopy(base_a))
         b = self.model_graph.truncated(trans, root=copy.deepcopy(base_b))
         root = copy.deepcopy(base_merged)
-        flatten = [isinstance(self.model_a.get_submodule(t), nn.Linear) for t in trans]
+        linear = [isinstance(self.model_a.get_submodule(t), nn.Linear) for t in trans]
         for t in trans:
             _set_submodule(root, t, _mixer(root.get_submodule(t)))
-        suffix = _graph_module(root, _suffix_graph(self.graph, trans, flatten))
+        suffix = _graph_module(root, _suffix_graph(self.graph, trans))
         self._check_merged_part(suffix, preserved, set(trans))
-        return PFMModel(a, b, suffix, preserved, trans, flatten, lay.layers, lay.outputs).eval()
+        return PFMModel(a, b, suffix, preserved, trans, linear, lay.layers, lay.outputs).eval()
 
     def _check_merged_part(self, suffix: nn.Module, preserved: int, transitions: set[str]) -> None:
         keep = self.layout.unmerged(preserved)

@@ -88,3 +88,10 @@ def wait_for_wandb_record(wandb_dir: Path, keys: Sequence[str], timeout: float =
         if not missing or time.monotonic() > deadline:
             return missing
         time.sleep(0.5)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Move everything imported while collecting (torch, Lightning, W&B, the test modules) out of the garbage
+    collector's view: later full collections then scan only what the tests create."""
+    gc.collect()
+    gc.freeze()

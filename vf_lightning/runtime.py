@@ -4,8 +4,9 @@ glibc's ``malloc`` serves every block above its mmap threshold (at most 32 MiB b
 and returns it on ``free``: each large activation of a forward pass then costs a round of page faults, 10-30 %
 of a CPU forward pass of the zoo's conv nets at batch sizes of a few hundred (measured on 2 cores: ResNet-20
 eval 0.69 s → 0.47 s; the demo's evaluation of 5,000 Fashion-MNIST images 0.84 s → 0.63 s). Raising the
-threshold keeps freed blocks in the heap for the next batch. The ``vf`` command and the benchmarks call
-:func:`tune_allocator` once at start-up (the test suite's small tensors gain nothing from it);
+threshold keeps freed blocks in the heap for the next batch. The ``vf`` command and ``benchmarks/merge.py`` /
+``benchmarks/matching.py`` call :func:`tune_allocator` once at start-up (the test suite's small tensors gain
+nothing from it);
 ``VF_MALLOC_TUNING=0`` leaves the allocator alone.
 """
 

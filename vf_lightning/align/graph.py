@@ -342,11 +342,8 @@ class GraphWalk:
         self.graph = graph
         self.gm = graph.gm
         self._index = graph._index
-        placeholders = [n for n in graph._nodes if n.op == "placeholder"]
-        self.envs: list[dict[fx.Node, Any]] = [{placeholders[0]: x} for x in inputs]
-        for env in self.envs:  # further (defaulted) placeholders take their defaults
-            for p in placeholders[1:]:
-                env[p] = p.args[0] if p.args else None
+        placeholder = next(n for n in graph._nodes if n.op == "placeholder")  # the one input (see supported)
+        self.envs: list[dict[fx.Node, Any]] = [{placeholder: x} for x in inputs]
 
     @staticmethod
     def supported(graph: ModelGraph) -> bool:

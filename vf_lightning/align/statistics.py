@@ -69,8 +69,7 @@ class CrossMoments:
         """Add paired centred batches: one matmul in their dtype, combined in float64."""
         if ba.n != bb.n:
             raise ValueError(f"paired batches need the same positions, got {ba.n} and {bb.n}")
-        cross = ba.comoment(bb)
-        self.combine(ba.n, ba.mean(), ba.m2(), bb.mean(), bb.m2(), cross)
+        self.combine(ba.n, ba.mean(), ba.m2(), bb.mean(), bb.m2(), ba.comoment(bb))
 
     def update(self, fa: torch.Tensor, fb: torch.Tensor) -> None:
         """Add paired ``C × M`` observations of A and B (centred and multiplied in their dtype)."""

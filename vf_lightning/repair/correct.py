@@ -77,17 +77,7 @@ def sequential_estimate(
             with accumulate_moments(model, outs) as out_m, accumulate_moments(model, bns, pre=True) as bn_m:
                 for x in iter_inputs(data, device, max_samples):
                     runner(x)
-            for mom in list(out_m.values()) + list(bn_m.values()):
-                mom.all_reduce()
-            for name in bns:
-                _set_bn_stats(modules[name], bn_m[name].mean, bn_m[name].var)
-            for name in outs:
-                mom = out_m[name]
-                ac = on_output(name, mom)
-                a, c = ac if ac is not None else (torch.ones_like(mom.mean), torch.zeros_like(mom.mean))
-                for bn, src in plan.derived.items():
-                    if src == name:
-                        _set_bn_stats(modules[bn], a * mom.mean + c, a * a * mom.var)
+            _fix_level({**out_m, **bn_m}, kinds, plan, modules, on_output)
     finally:
         model.train(was_training)
     return plan
@@ -150,21 +140,8 @@ def _walk_levels(walk: GraphWalk, plan: SitePlan, kinds: dict[str, SiteKind], mo
                 if name not in moms:
                     moms[name] = Moments(v.shape[channel_layout(v)[0]], device=v.device)
                 moms[name].add(v, scratch=scratch)
-        for name in level:
-            moms[name].all_reduce()
         stale = []
-        for name in level:
-            mom = moms[name]
-            if kinds[name] == "bn":
-                _set_bn_stats(modules[name], mom.mean, mom.var)
-                continue
-            ac = on_output(name, mom)
-            a, c = ac if ac is not None else (torch.ones_like(mom.mean), torch.zeros_like(mom.mean))
-            for bn, src in plan.derived.items():
-                if src == name:
-                    _set_bn_stats(modules[bn], a * mom.mean + c, a * a * mom.var)
-            if ac is None:
-                continue
+        for name, (a, c) in _fix_level(moms, kinds, plan, modules, on_output).items():
             node = graph.node_of(name)
             if isinstance(modules[name], AFFINE_TYPES):
                 for env in walk.envs:
@@ -173,6 +150,28 @@ def _walk_levels(walk: GraphWalk, plan: SitePlan, kinds: dict[str, SiteKind], mo
                 stale.append(node)
         walk.invalidate(stale)
         walk.release()
+
+
+def _fix_level(moms: dict[str, Moments], kinds: dict[str, SiteKind], plan: SitePlan, modules: dict[str, nn.Module],
+               on_output: OutputHandler) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """One measured level: all-reduce its moments (in their order, the same on every rank), give BN sites their
+    running statistics and output sites to ``on_output``, and a BN derived from an output site ``a·m + c`` and
+    ``a²·v``. Returns the ``(a, c)`` folded into each output site that ``on_output`` changed."""
+    for mom in moms.values():
+        mom.all_reduce()
+    folded = {}
+    for name, mom in moms.items():
+        if kinds[name] == "bn":
+            _set_bn_stats(modules[name], mom.mean, mom.var)
+            continue
+        ac = on_output(name, mom)
+        a, c = ac if ac is not None else (torch.ones_like(mom.mean), torch.zeros_like(mom.mean))
+        for bn, src in plan.derived.items():
+            if src == name:
+                _set_bn_stats(modules[bn], a * mom.mean + c, a * a * mom.var)
+        if ac is not None:
+            folded[name] = (a, c)
+    return folded
 
 
 def _rescale(v: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> None:

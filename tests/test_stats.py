@@ -14,7 +14,8 @@ from torch import nn
 from vf_lightning.align import activation_statistics, build_permutation_spec, statistics
 from vf_lightning.align.statistics import CrossMoments
 from vf_lightning.models import ModelConfig, build_model
-from vf_lightning.stats import WELL_CONDITIONED, Moments, centre, fused_moments, stream_moments
+from vf_lightning import stats
+from vf_lightning.stats import FUSED_MIN_ROWS, WELL_CONDITIONED, Moments, centre, fused_moments, stream_moments
 
 
 def _shifted(n: int, c: int = 6, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -133,20 +134,22 @@ def test_fused_moments_refuse_ill_conditioned_batches_and_moments_fall_back_exac
     """A channel beyond the conditioning limit (or constant and non-zero) makes the fused path refuse; Moments then
     centres that batch and every later one, and stays exact."""
     g = torch.Generator().manual_seed(4)
-    good = torch.randn(512, 4, generator=g)
+    good = torch.randn(FUSED_MIN_ROWS, 4, generator=g)
     assert fused_moments(good) is not None
     assert fused_moments(good + 2 * WELL_CONDITIONED) is None
     const = good.clone()
     const[:, 1] = 3.0
     assert fused_moments(const) is None
-    bad = _shifted(300, c=4)  # |mean| = 1e4·std
+    bad = _shifted(FUSED_MIN_ROWS, c=4)  # |mean| = 1e4·std
     mom = Moments(4)
+    mom.add(good[:100])  # a small batch is centred, without deciding the site's path
+    assert mom.raw is None
     mom.add(good)
     assert mom.raw is True
     mom.add(bad)
     assert mom.raw is False
     mom.add(good)
-    x = torch.cat([good, bad, good])
+    x = torch.cat([good[:100], good, bad, good])
     m_ref, v_ref, _ = _reference(x)
     assert ((mom.mean - m_ref).abs() / v_ref.sqrt()).max() < 1e-6
     assert ((mom.var - v_ref).abs() / v_ref).max() < 1e-6
@@ -193,9 +196,14 @@ def test_ddp_all_reduce_combines_ranks_exactly_and_identically() -> None:
     assert (r["cross"] - r_ref[:3, 3:]).abs().max() < 1e-6
 
 
-@pytest.mark.parametrize("joint_max", [64, 0], ids=["joint-gram", "separate"])
-def test_activation_statistics_match_a_float64_reference(joint_max: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(statistics, "JOINT_MAX_CHANNELS", joint_max)
+@pytest.mark.parametrize("path", ["fused", "centred"])
+def test_activation_statistics_match_a_float64_reference(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cross (activation matching) and full (ZipIt / CCA) statistics against float64 features recorded apart, with
+    every batch taking the uncentred fused path (the threshold lowered to these small batches) or centred."""
+    if path == "fused":
+        monkeypatch.setattr(stats, "FUSED_MIN_ROWS", 1)
+    else:
+        monkeypatch.setattr(stats, "WELL_CONDITIONED", 0.0)
     torch.manual_seed(0)
     cfg = ModelConfig(arch="resnet20", norm="bn", width=0.25)
     a, b = build_model(cfg).eval(), build_model(cfg).eval()
@@ -219,3 +227,44 @@ def test_activation_statistics_match_a_float64_reference(joint_max: int, monkeyp
     assert torch.allclose(fu.var, v_ref, rtol=1e-5, atol=1e-9)
     assert (st.corr() - r_ref[:c, c:]).abs().max() < 1e-5
     assert (fu.corr() - r_ref).abs().max() < 1e-5
+
+
+def test_activation_statistics_copy_a_site_the_model_modifies_in_place_later() -> None:
+    """A's activations are kept uncopied until B's hook; one that A's forward changes in place after its hook is
+    detected by its version counter, A runs again copying it, and the statistics stay those of the hooked values."""
+
+    class Later(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.relu1 = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()
+            self.conv2, self.relu2 = nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.relu1(self.conv1(x))
+            y = self.relu2(self.conv2(h))
+            h.mul_(0.5)  # after conv2 read it: relu1's output changes after its hook
+            return self.head(y.mean((2, 3)))
+
+    torch.manual_seed(0)
+    cl = torch.channels_last  # the rows of channels-last maps view the activation itself: kept, not copied
+    a, b = Later().eval().to(memory_format=cl), Later().eval().to(memory_format=cl)
+    g = torch.Generator().manual_seed(5)
+    loader = [torch.randn(n, 3, 8, 8, generator=g).contiguous(memory_format=cl) for n in (6, 9)]
+    spec = build_permutation_spec(a, loader[0][:2])
+    keys = [(s.module, s.call, s.port) for grp in spec.groups for s in grp.activation_sites]
+    assert ("relu1", 0, "out") in keys
+    got = activation_statistics(a, b, spec, loader)
+    feats: dict[tuple[str, int, str], list[torch.Tensor]] = {}
+    with torch.no_grad(), statistics.record_sites(a, keys) as sa, statistics.record_sites(b, keys) as sb:
+        for x in loader:
+            a(x), b(x)
+            for k in keys:
+                feats.setdefault(k, []).append(torch.cat([sa[k], sb[k]]).t())
+    for grp in spec.groups:
+        (site,) = grp.activation_sites
+        _, v_ref, r_ref = _reference(torch.cat(feats[(site.module, site.call, site.port)]))
+        st = got[grp.name]
+        assert isinstance(st, CrossMoments)
+        assert torch.allclose(torch.cat([st.a.var, st.b.var]), v_ref, rtol=1e-5, atol=1e-9)
+        assert (st.corr() - r_ref[:8, 8:]).abs().max() < 1e-5

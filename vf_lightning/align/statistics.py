@@ -18,6 +18,7 @@ from torch import nn
 
 from vf_lightning.align.spec import PermutationSpec, Site
 from vf_lightning.stats import (
+    BatchMoments,
     CentredBatch,
     Moments,
     Scratch,
@@ -25,6 +26,7 @@ from vf_lightning.stats import (
     chan_all_reduce,
     channel_layout,
     channel_matrix,
+    channel_rows,
     compute_dtype,
     gram,
     initial_shift,
@@ -151,9 +153,6 @@ def record_sites(model: nn.Module, sites: Sequence[SiteKey],
         yield store
 
 
-JOINT_MAX_CHANNELS = 16  # cross mode: up to this many channels one Gram of [c_A | c_B | 1] is as fast as apart
-
-
 @dataclass(frozen=True)
 class _PairBatch:
     """One site's batch of A and B, reduced: count, means and ``M2`` of ``[A; B]``, and the co-moment."""
@@ -161,7 +160,7 @@ class _PairBatch:
     n: int
     mean: torch.Tensor  # 2C, float64
     m2: torch.Tensor  # 2C
-    com: torch.Tensor  # 2C × 2C (joint), or the C × C cross block
+    com: torch.Tensor  # 2C × 2C (full), or the C × C cross block
 
     def add_to(self, st: CrossMoments | Moments) -> None:
         c = self.mean.shape[0] // 2
@@ -172,33 +171,97 @@ class _PairBatch:
             st.combine(self.n, self.mean[:c], self.m2[:c], self.mean[c:], self.m2[c:], cross)
 
 
-class _PairRecorder:
-    """Centres each site's batch of A (side 0) and B (side 1) on per-site shifts fixed at the first batch.
+def _version(t: torch.Tensor) -> int | None:
+    """The in-place version counter of ``t`` (``None`` for inference-mode tensors, which keep none)."""
+    try:
+        return int(t._version)
+    except RuntimeError:
+        return None
 
-    Sites of up to :data:`JOINT_MAX_CHANNELS` channels (and all in ``full`` mode) are centred side by side
-    into one ``M × (2C + 1)`` buffer ``[c_A | c_B | 1]`` whose Gram matrix, one matmul, holds every sum,
-    square and product; wider sites keep two :class:`CentredBatch` and one cross matmul.
+
+@dataclass
+class _Held:
+    """A's side of one site's batch, waiting for B: its moments, its ``M × C`` rows, and, when the rows view the
+    live activation rather than a copy, that activation and its version at the hook."""
+
+    moments: BatchMoments
+    rows: torch.Tensor
+    live: torch.Tensor | None
+    version: int | None
+
+
+class _PairRecorder:
+    """Reduces each site's batch of A (side 0) and B (side 1) as it is produced.
+
+    Cross mode (activation matching): each side's moments come from :meth:`Moments.reduce` at its hook (fused,
+    without a copy, when well conditioned); A's activation is kept as it is until B's hook multiplies it with B's
+    (a copy only where the model modifies it in place afterwards: :meth:`modified`). Two well-conditioned sides
+    are multiplied uncentred (``Σ a bᵀ − n ā b̄ᵀ``), others centred. Full mode (ZipIt / CCA) centres both sides
+    into one ``M × (2C + 1)`` buffer ``[c_A | c_B | 1]`` whose Gram matrix holds every sum, square and product.
     """
 
     def __init__(self, dtype: torch.dtype | None, full: bool) -> None:
         self.dtype, self.full = dtype, full
-        self.shifts: dict[tuple[int, SiteKey], torch.Tensor] = {}
+        self.paths: dict[tuple[int, SiteKey], Moments] = {}  # per side and site: the reduction path and its shift
         self.bufs: dict[SiteKey, torch.Tensor] = {}
-        self.pairs: dict[SiteKey, list[CentredBatch | None]] = {}
-        self.scratch: dict[tuple[int, SiteKey], Scratch] = {}
+        self.held: dict[SiteKey, _Held] = {}
+        self.done: dict[SiteKey, _PairBatch] = {}
+        self.copied: set[SiteKey] = set()  # sites whose A activation is modified in place after its hook
+        self.scratch = Scratch()
+
+    def _path(self, side: int, k: SiteKey, t: torch.Tensor, c: int) -> Moments:
+        path = self.paths.get((side, k))
+        if path is None:
+            path = self.paths[(side, k)] = Moments(c, device=t.device)
+        return path
 
     def take(self, side: int, k: SiteKey, t: torch.Tensor) -> None:
         dt = self.dtype or compute_dtype(t.dtype)
         cd, _ = channel_layout(t)
         c = t.shape[cd]
-        t = t if t.is_floating_point() else t.to(dt)
-        if (side, k) not in self.shifts:
-            self.shifts[(side, k)] = initial_shift(t, dt)
-        shift = self.shifts[(side, k)]
-        if not (self.full or c <= JOINT_MAX_CHANNELS):
-            work = self.scratch.setdefault((side, k), Scratch())
-            self.pairs.setdefault(k, [None, None])[side] = centre(t, shift, dt, work)
+        if self.full:
+            self._take_joint(side, k, t if t.is_floating_point() else t.to(dt), dt)
             return
+        xt = t if t.dtype == dt else t.to(dt)  # a conversion is a copy: nothing can modify it later
+        mom = self._path(side, k, xt, c).reduce(xt, dt, self.scratch)
+        rows = channel_rows(xt)
+        if side == 0:
+            live = xt if xt is t and rows.data_ptr() == t.data_ptr() else None
+            version = _version(t) if live is not None else None
+            if live is not None and (version is None or k in self.copied):
+                rows, live = rows.clone(), None
+            self.held[k] = _Held(mom, rows, live, version)
+            return
+        held = self.held.pop(k)
+        if held.moments.n != mom.n:
+            raise ValueError(f"site {k} has {held.moments.n} positions in A but {mom.n} in B")
+        self.done[k] = _PairBatch(mom.n, torch.cat([held.moments.mean, mom.mean]),
+                                  torch.cat([held.moments.m2, mom.m2]), self._cross(k, held, mom, rows, dt))
+
+    def _cross(self, k: SiteKey, held: _Held, mom: BatchMoments, rows: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
+        """``Σ (a − ā)(b − b̄)ᵀ`` of one batch, float64."""
+        a = held.moments
+        if a.fused and mom.fused:
+            return gram(held.rows, rows) - a.n * torch.outer(a.mean, mom.mean)
+        shift_a = self.paths[(0, k)].shift
+        shift_b = self.paths[(1, k)].shift
+        ca = centre(held.rows, a.mean if shift_a is None else shift_a, dt, self.scratch)
+        cb = centre(rows, mom.mean if shift_b is None else shift_b, dt)
+        return ca.comoment(cb)
+
+    def modified(self) -> list[SiteKey]:
+        """Sites whose kept A activation was modified in place after its hook (the model's forward changed it):
+        from now on they are copied at the hook, and the batch's forward of A must run again."""
+        bad = [k for k, h in self.held.items() if h.live is not None and _version(h.live) != h.version]
+        self.copied.update(bad)
+        return bad
+
+    def _take_joint(self, side: int, k: SiteKey, t: torch.Tensor, dt: torch.dtype) -> None:
+        cd, _ = channel_layout(t)
+        c = t.shape[cd]
+        path = self._path(side, k, t, c)
+        if path.shift is None:
+            path.shift = initial_shift(t, dt).to(torch.float64)
         moved = t.movedim(cd, -1)
         m = moved.numel() // max(c, 1)
         buf = self.bufs.get(k)
@@ -206,24 +269,19 @@ class _PairRecorder:
             buf = torch.empty(m, 2 * c + 1, dtype=dt, device=t.device)
             buf[:, 2 * c] = 1
             self.bufs[k] = buf
-        torch.sub(moved, shift, out=buf[:, side * c:(side + 1) * c].view(moved.shape))
+        torch.sub(moved, path.shift.to(dt), out=buf[:, side * c:(side + 1) * c].view(moved.shape))
 
     def batch(self, k: SiteKey) -> _PairBatch:
         """The reduced batch of site ``k`` after both forwards."""
-        s_ab = torch.cat([self.shifts[(0, k)], self.shifts[(1, k)]]).to(torch.float64)
-        if k in self.bufs:
-            buf = self.bufs[k]
-            n, c2 = buf.shape[0], buf.shape[1] - 1
-            g = gram(buf, buf)
-            total = g[:c2, c2]
-            com = g[:c2, :c2] - torch.outer(total, total) / max(n, 1)
-            return _PairBatch(n, s_ab + total / max(n, 1), com.diagonal().clamp_min(0), com)
-        ba, bb = self.pairs[k]
-        assert ba is not None and bb is not None
-        if ba.n != bb.n:
-            raise ValueError(f"site {k} has {ba.n} positions in A but {bb.n} in B")
-        cross = ba.comoment(bb)  # before the batches are consumed by their squares
-        return _PairBatch(ba.n, torch.cat([ba.mean(), bb.mean()]), torch.cat([ba.m2(True), bb.m2(True)]), cross)
+        if not self.full:
+            return self.done.pop(k)
+        s_ab = torch.cat([self.paths[(0, k)].shift, self.paths[(1, k)].shift])  # type: ignore[list-item]
+        buf = self.bufs[k]
+        n, c2 = buf.shape[0], buf.shape[1] - 1
+        g = gram(buf, buf)
+        total = g[:c2, c2]
+        com = g[:c2, :c2] - torch.outer(total, total) / max(n, 1)
+        return _PairBatch(n, s_ab.to(total) + total / max(n, 1), com.diagonal().clamp_min(0), com)
 
 
 def _key(s: Site) -> SiteKey:
@@ -297,6 +355,8 @@ def activation_statistics(
         with _hook_sites(model_a, keys, partial(take, 0)), _hook_sites(model_b, keys, partial(take, 1)):
             for x in iter_inputs(loader, device, max_samples):
                 model_a(x)
+                if rec.modified():  # an activation of A was changed in place after its hook: run A again, copying it
+                    model_a(x)
                 model_b(x)
                 for k, names in site_groups.items():
                     pb = rec.batch(k)  # type: ignore[arg-type]

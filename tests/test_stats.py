@@ -11,10 +11,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from vf_lightning import stats
 from vf_lightning.align import activation_statistics, build_permutation_spec, statistics
 from vf_lightning.align.statistics import CrossMoments
 from vf_lightning.models import ModelConfig, build_model
-from vf_lightning import stats
 from vf_lightning.stats import FUSED_MIN_ROWS, WELL_CONDITIONED, Moments, centre, fused_moments, stream_moments
 
 

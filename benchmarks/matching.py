@@ -136,7 +136,7 @@ def main() -> None:
     p.add_argument("--skip-wm", action="store_true", help="only run the statistics benchmark")
     p.add_argument("--skip-stats", action="store_true", help="only run the weight-matching benchmark")
     p.add_argument("--precision", nargs="+", default=["native"], help="statistics precisions (native float32 float64)")
-    p.add_argument("--repeats", type=int, default=3, help="statistics timings: best of this many")
+    p.add_argument("--repeats", type=int, default=5, help="statistics timings: best of this many")
     p.add_argument("--wm-repeats", type=int, default=2, help="weight-matching timings: best of this many")
     p.add_argument("--contiguous", action="store_true", help="statistics models in NCHW, not channels_last")
     p.add_argument("--json", help="write the measured ratios to this file")

@@ -14,7 +14,7 @@ the costs do not depend on training), this
 ``make demo``, on Fashion-MNIST). ``--json F`` writes every number and ``stats_over_forward`` (the largest
 ratio) to ``F``.
 
-    python benchmarks/merge.py [--archs vgg16 resnet20] [--calib 1024] [--repeats 3] [--json F]
+    python benchmarks/merge.py [--archs vgg16 resnet20] [--calib 1024] [--repeats 5] [--json F]
 """
 
 from __future__ import annotations
@@ -90,8 +90,9 @@ def checkpoint_pair(paths: Sequence[str], calib: int, n_eval: int, batch: int, d
     from vf_lightning.checkpoint import load_networks
     from vf_lightning.data import FashionMNISTDataModule
 
-    models, _ = load_networks(list(paths))
-    dm = FashionMNISTDataModule(pad_to_32=True, num_workers=0, calib_samples=calib, val_subset=n_eval)
+    models, cfgs = load_networks(list(paths))
+    dm = FashionMNISTDataModule(pad_to_32=cfgs[0].image_size == 32, num_workers=0, calib_samples=calib,
+                                val_subset=n_eval)  # fmt: skip
     dm.setup("fit")
     return [m.to(device).eval() for m in models], session_data(dm, None, None, batch, device)
 
@@ -127,7 +128,7 @@ def main() -> None:
     p.add_argument("--calib", type=int, default=1024)
     p.add_argument("--eval", type=int, default=1024)
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="timings: best of this many, interleaved")
     p.add_argument("--matching", default="weight")
     p.add_argument("--normalization", default="repair")
     p.add_argument("--json", help="write the measured numbers and stats_over_forward to this file")

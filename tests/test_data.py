@@ -73,3 +73,22 @@ def test_pair_streams_give_two_different_orders_and_a_fixed_calibration_set(fmni
     c1 = torch.cat([b[0] for b in dm.calibration_dataloader(64, batch_size=16)])
     c2 = torch.cat([b[0] for b in dm.calibration_dataloader(64, batch_size=64)])
     assert c1.shape[0] == 64 and torch.equal(c1, c2)
+
+
+def test_a_loader_batch_is_fetched_at_once_and_equals_per_sample_access() -> None:
+    """``__getitems__`` (what the DataLoader calls) gives the per-sample values, padded; augmentation keeps shapes
+    and crops within the padding."""
+    from vf_lightning.data.datasets import TensorImageDataset
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (20, 1, 28, 28), generator=g, dtype=torch.uint8)
+    ds = TensorImageDataset(images, torch.arange(20) % 10, [0.5], [0.25], pad_to=32)
+    batch = ds.__getitems__([3, 7, 0])
+    for (x, y), i in zip(batch, [3, 7, 0]):
+        xi, yi = ds[i]
+        assert torch.equal(x, xi) and int(y) == int(yi) == i % 10
+        assert x.shape == (1, 32, 32) and torch.equal(x[:, 2:30, 2:30], (images[i].float() / 255 - 0.5) / 0.25)
+    aug = TensorImageDataset(images, torch.arange(20), [0.5], [0.25], crop_padding=4, flip=True)
+    xs = torch.stack([x for x, _ in aug.__getitems__(list(range(20)))])
+    assert xs.shape == (20, 1, 28, 28)
+    assert not torch.equal(xs, torch.stack([x for x, _ in ds.subset(torch.arange(20)).__getitems__(list(range(20)))])[..., 2:30, 2:30])

@@ -28,7 +28,7 @@ TINY_FIT = ["--trainer.max_epochs=1", "--trainer.enable_progress_bar=false", "--
             "--data.init_args.train_subset=128", "--data.init_args.val_subset=100", "--data.init_args.num_workers=0",
             "--data.init_args.calib_samples=64", "--model.init_args.net.arch=mlp", "--model.init_args.net.norm=none",
             "--model.init_args.net.hidden=[16]",
-            "--model.init_args.net.image_size=32"]  # fmt: skip
+            "--model.init_args.net.image_size=32", "--data.init_args.pad_to_32=true"]  # fmt: skip
 TINY_MERGE = ["--data=vf_lightning.data.FashionMNISTDataModule", "--data.pad_to_32=true", "--data.calib_samples=64",
               "--data.val_subset=200", "--data.eval_batch_size=100", "--data.num_workers=0"]  # fmt: skip
 # the trained pair a merge sweep reads, as tiny untrained MLP stand-ins (both grid points merge fully: preserve [0])

@@ -35,6 +35,11 @@ class PermutedView(Dataset[Any]):
     def __getitem__(self, i: int) -> Any:
         return self.dataset[int(self.perm[i])]
 
+    def __getitems__(self, indices: list[int]) -> Any:
+        mapped = self.perm[torch.as_tensor(indices, dtype=torch.long)].tolist()
+        many = getattr(self.dataset, "__getitems__", None)
+        return many(mapped) if many is not None else [self.dataset[i] for i in mapped]
+
 
 def check_sizes(owner: str, num_workers: int, **sizes: int | None) -> None:
     """Refuse ``num_workers`` < 0 and non-positive sizes (None = unset) at construction, in one line each."""

@@ -47,7 +47,17 @@ class TensorImageDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return len(self.index)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        j = int(self.index[i])
+        x, y = self._batch([i])
+        return x[0], y[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A loader batch in one go (the ``DataLoader`` calls this instead of ``__getitem__`` per sample):
+        normalization, padding and augmentation run once on the whole batch."""
+        x, y = self._batch(indices)
+        return list(zip(x.unbind(0), y.unbind(0)))
+
+    def _batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        j = self.index[torch.as_tensor(indices, dtype=torch.long)]
         x = (self.images[j].float().div_(255.0) - self.mean) / self.std
         if self.pad_to is not None and x.shape[-1] < self.pad_to:
             p = self.pad_to - x.shape[-1]
@@ -56,10 +66,10 @@ class TensorImageDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             p = self.crop_padding
             h, w = x.shape[-2:]
             xp = F.pad(x, (p, p, p, p))
-            top, left = torch.randint(0, 2 * p + 1, (2,)).tolist()
-            x = xp[:, top : top + h, left : left + w]
-        if self.flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
+            offsets = torch.randint(0, 2 * p + 1, (len(j), 2)).tolist()
+            x = torch.stack([xp[k, :, top:top + h, left:left + w] for k, (top, left) in enumerate(offsets)])
+        if self.flip:
+            x = torch.where((torch.rand(len(j)) < 0.5).view(-1, 1, 1, 1), x.flip(-1), x)
         return x, self.labels[j]
 
     def subset(self, index: torch.Tensor, augment: bool | None = None) -> TensorImageDataset:

@@ -39,9 +39,13 @@ def test_every_zoo_model_runs_forward_and_backward(arch: str, norm: str) -> None
     cfg = tiny_config(arch, norm)
     model = build_model(cfg)
     x = tiny_input(cfg)
-    out = model(x)
-    assert out.shape == (2, cfg.num_classes)
-    torch.nn.functional.cross_entropy(out, torch.tensor([0, 1])).backward()
+    # oneDNN's AVX2 1×1-convolution weight-gradient kernel (torch 2.14.1) corrupted the heap on this machine for the
+    # 0.125-width resnet44-ln (`double free or corruption` with OMP_NUM_THREADS=1, a spinning hang with 2 threads);
+    # these tiny shapes only check that every parameter gets a gradient, so they run on PyTorch's own kernels
+    with torch.backends.mkldnn.flags(enabled=False):
+        out = model(x)
+        assert out.shape == (2, cfg.num_classes)
+        torch.nn.functional.cross_entropy(out, torch.tensor([0, 1])).backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)

@@ -143,11 +143,11 @@ def test_fused_moments_refuse_ill_conditioned_batches_and_moments_fall_back_exac
     bad = _shifted(FUSED_MIN_ROWS, c=4)  # |mean| = 1e4·std
     mom = Moments(4)
     mom.add(good[:100])  # a small batch is centred, without deciding the site's path
-    assert mom.raw is None
+    assert mom.fused is None
     mom.add(good)
-    assert mom.raw is True
+    assert mom.fused is True
     mom.add(bad)
-    assert mom.raw is False
+    assert mom.fused is False
     mom.add(good)
     x = torch.cat([good[:100], good, bad, good])
     m_ref, v_ref, _ = _reference(x)

@@ -82,15 +82,9 @@ class CentredBatch:
         """The batch mean, float64."""
         return self.shift + self.total / max(self.n, 1)
 
-    def m2(self, consume: bool = False) -> torch.Tensor:
-        """``Σ (x − batch mean)²`` per channel, float64.
-
-        ``consume=True`` squares the rows in place (faster; the batch is spent: take co-moments first).
-        """
-        if consume:
-            sq = column_sums(self.rows.square_())
-        else:
-            sq = torch.linalg.vecdot(self.rows, self.rows, dim=0).to(torch.float64)
+    def m2(self) -> torch.Tensor:
+        """``Σ (x − batch mean)²`` per channel, float64."""
+        sq = torch.linalg.vecdot(self.rows, self.rows, dim=0).to(torch.float64)
         return (sq - self.total * self.total / max(self.n, 1)).clamp_min(0)
 
     def comoment(self, other: CentredBatch) -> torch.Tensor:
@@ -259,6 +253,7 @@ def fused_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """
     cd, _ = channel_layout(x)
     c = x.shape[cd]
+    n = x.numel() // max(c, 1)
     moved = x.movedim(cd, -1)
     if moved.is_contiguous():
         rows = moved.reshape(-1, c)
@@ -277,11 +272,9 @@ def fused_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
             m2 = m2 + vt.to(torch.float64) * n2 + delta * delta * (n1 * n2 / m)
     elif x.dim() == 4 and x.is_contiguous() and x.device.type == "cpu":  # N×C×H×W: per channel, float64 sums
         mean, var = torch.batch_norm_update_stats(x, None, None, 1.0)
-        n = x.numel() // max(c, 1)
         mu, m2 = mean.to(torch.float64), var.to(torch.float64) * n
     else:
         return None
-    n = x.numel() // max(c, 1)
     if bool((mu * mu * n > WELL_CONDITIONED ** 2 * m2).any()):
         return None
     return mu, m2
@@ -310,7 +303,7 @@ class Moments:
     m2: torch.Tensor = field(init=False)
     comoment: torch.Tensor | None = field(init=False)
     shift: torch.Tensor | None = field(init=False, default=None, repr=False)
-    raw: bool | None = field(init=False, default=None, repr=False)  # fused_moments path (None: undecided)
+    fused: bool | None = field(init=False, default=None, repr=False)  # fused_moments path (None: undecided)
 
     def __post_init__(self) -> None:
         dt, dev = torch.float64, self.device
@@ -375,15 +368,16 @@ class Moments:
         n = x.numel() // max(x.shape[cd], 1)
         if n == 0:
             return BatchMoments(0, self.mu.clone(), torch.zeros_like(self.m2), False)
-        xf = x if x.dtype == dt else x.to(dt)
+        xf = x if x.is_floating_point() else x.to(dt)  # half types are centred straight into the dt buffer
         if n >= FUSED_MIN_ROWS:
-            if self.raw is None:
-                self.raw = well_conditioned(xf)
-            if self.raw:
-                fused = fused_moments(xf)
+            xd = xf if xf.dtype == dt else xf.to(dt)
+            if self.fused is None:
+                self.fused = well_conditioned(xd)
+            if self.fused:
+                fused = fused_moments(xd)
                 if fused is not None:
                     return BatchMoments(n, *fused, True)
-                self.raw = False  # this batch (and every later one) is centred
+                self.fused = False  # this batch (and every later one) is centred
         if self.shift is None:
             self.shift = initial_shift(xf, dt).to(torch.float64)
         shift = self.shift.to(device=x.device, dtype=dt)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import torch
+from background import Job, Runner
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -90,8 +91,46 @@ def wait_for_wandb_record(wandb_dir: Path, keys: Sequence[str], timeout: float =
         time.sleep(0.5)
 
 
+_RUNNER = pytest.StashKey[Runner]()
+
+
+def _background_factory(item: pytest.Item) -> Any:
+    marker = item.get_closest_marker("background")
+    return marker.kwargs["factory"] if marker is not None else None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that wait on a background job (tests/background.py) run after all the others."""
+    items[:] = [i for i in items if _background_factory(i) is None] + [i for i in items if _background_factory(i)]
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Move everything imported while collecting (torch, Lightning, W&B, the test modules) out of the garbage
-    collector's view: later full collections then scan only what the tests create."""
+    """Start the background jobs of the selected tests; then move everything imported while collecting (torch,
+    Lightning, W&B, the test modules) out of the garbage collector's view: later full collections then scan only
+    what the tests create."""
+    factories = list(dict.fromkeys(f for f in map(_background_factory, session.items) if f is not None))
+    if factories and not session.config.option.collectonly:
+        session.config.stash[_RUNNER] = Runner(factories)
     gc.collect()
     gc.freeze()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    runner = session.config.stash.get(_RUNNER, None)
+    if runner is not None:
+        runner.close()
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    runner = config.stash.get(_RUNNER, None)
+    if runner is not None:
+        terminalreporter.write_line("background jobs: " + ", ".join(runner.summary()))
+
+
+@pytest.fixture
+def background(request: pytest.FixtureRequest) -> Job:
+    """The finished background job of a test marked ``@pytest.mark.background(factory=...)`` (waits for it)."""
+    factory = _background_factory(request.node)
+    assert factory is not None, "the background fixture needs @pytest.mark.background(factory)"
+    return request.config.stash[_RUNNER].wait(factory)

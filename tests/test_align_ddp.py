@@ -56,7 +56,8 @@ def test_two_processes_give_the_same_statistics_and_perms_as_one() -> None:
     a, b, data = _setup()
     single = _summary(a, b, _batches(data))
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        # fork: the ranks inherit this process's imports (spawn would import torch and this module again, ~6 s)
+        mp.start_processes(_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, start_method="fork")
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
     assert sum(k.endswith("/perm") for k in single) >= 2
     for key, ref in single.items():

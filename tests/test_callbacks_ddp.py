@@ -5,13 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from background import REPO, Command, Job, job
 from vf_lightning.callbacks import isolated, session_data
 
 from vf_lightning.lit import OptimConfig, PairModule
@@ -26,12 +25,17 @@ def _script(repo: Path):  # type: ignore[no-untyped-def]
     return mod
 
 
+@job(seconds=15)
+def ddp_callbacks(tmp: Path) -> list[list[Command]]:
+    """tests/scripts/ddp_callbacks.py: one epoch of a pair on two DDP ranks, with the merge callbacks."""
+    return [[Command("fit", [str(REPO / "tests/scripts/ddp_callbacks.py"), str(tmp)])]]
+
+
 @pytest.mark.ddp
-def test_ddp_merged_accuracy_equals_the_single_process_value(tmp_path: Path, repo: Path, fmnist: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, str(repo / "tests/scripts/ddp_callbacks.py"), str(tmp_path)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+@pytest.mark.background(factory=ddp_callbacks)
+def test_ddp_merged_accuracy_equals_the_single_process_value(background: Job, repo: Path, fmnist: Path) -> None:
+    background.check()
+    tmp_path = background.dir
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world"] == 2
     assert ranks[0]["scalars"] == ranks[1]["scalars"]  # every rank measured the same (reduced) values

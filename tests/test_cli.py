@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from background import REPO, Command, Job, job
 from conftest import wait_for_wandb_record
 
 from vf_lightning.cli import main
@@ -52,20 +51,26 @@ def test_wrong_type_fails_naming_the_key(capsys: pytest.CaptureFixture[str], rep
     assert "net.width" in err and "wide" in err
 
 
-def test_fit_writes_an_offline_wandb_run_with_the_metric_names(tmp_path: Path, repo: Path, fmnist: Path) -> None:
-    # a fresh process, as a user runs it: W&B's service keeps per-process state between runs
+@job(seconds=10)
+def fit_wandb(tmp: Path) -> list[list[Command]]:
+    """`vf fit` of the MLP pair in a fresh process, as a user runs it (W&B's service keeps per-process state)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # no inherited W&B service
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(repo))
-    proc = subprocess.run([
-        sys.executable, "-m", "vf_lightning.cli",
-        "fit", "--config", str(repo / "configs/fit/fmnist_mlp_pair.yaml"),
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(REPO))
+    return [[Command("fit", [
+        "-m", "vf_lightning.cli",
+        "fit", "--config", str(REPO / "configs/fit/fmnist_mlp_pair.yaml"),
         "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
         "--trainer.log_every_n_steps", "2",
         "--data.init_args.train_subset", "512", "--data.init_args.val_subset", "256",
         "--data.init_args.num_workers", "0",
-        "--model.init_args.export_dir", str(tmp_path / "export"),
-    ], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+        "--model.init_args.export_dir", str(tmp / "export"),
+    ], env=env)]]  # fmt: skip
+
+
+@pytest.mark.background(factory=fit_wandb)
+def test_fit_writes_an_offline_wandb_run_with_the_metric_names(background: Job, fmnist: Path) -> None:
+    background.check()
+    tmp_path = background.dir
     runs = list((tmp_path / "outputs/fmnist_mlp_pair/wandb").glob("offline-run-*"))
     assert len(runs) == 1
     # the offline run's record file (what `wandb sync` uploads) holds the metric names and the config

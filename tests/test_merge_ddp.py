@@ -8,14 +8,12 @@ rounding of the reduction may break a tie differently — tests/test_callbacks_d
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from background import Command, Job, job
 
 from vf_lightning.checkpoint import save_model_checkpoint
 from vf_lightning.models import ModelConfig, build_model
@@ -47,22 +45,25 @@ def _config(tmp: Path, out: Path) -> Path:
     return path
 
 
-def _run(repo: Path, tmp: Path, name: str, *extra: str) -> dict:
-    out = tmp / name
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, "-m", "vf_lightning.cli", "merge", "--config", str(_config(tmp, out)),
-                           *extra], cwd=tmp, env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((out / "report.json").read_text())
+def _command(tmp: Path, name: str, *extra: str) -> Command:
+    return Command(name, ["-m", "vf_lightning.cli", "merge", "--config", str(_config(tmp, tmp / name)), *extra])
+
+
+@job(seconds=30)
+def merge_ddp(tmp: Path) -> list[list[Command]]:
+    """Two untrained VGG11s, merged by one process and (at the same time) by two DDP ranks."""
+    for seed, name in ((1, "a.pt"), (2, "b.pt")):
+        torch.manual_seed(seed)
+        save_model_checkpoint(build_model(CFG), CFG, tmp / name)
+    return [[_command(tmp, "single"), _command(tmp, "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp")]]
 
 
 @pytest.mark.ddp
-def test_ddp_merge_report_equals_the_single_process_report(tmp_path: Path, repo: Path, fmnist: Path) -> None:
-    for seed, name in ((1, "a.pt"), (2, "b.pt")):
-        torch.manual_seed(seed)
-        save_model_checkpoint(build_model(CFG), CFG, tmp_path / name)
-    single = _run(repo, tmp_path, "single")
-    ddp = _run(repo, tmp_path, "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+@pytest.mark.background(factory=merge_ddp)
+def test_ddp_merge_report_equals_the_single_process_report(background: Job, fmnist: Path) -> None:
+    background.check()
+    tmp_path = background.dir
+    single, ddp = (json.loads((tmp_path / name / "report.json").read_text()) for name in ("single", "ddp"))
     assert str(ddp["config"]["trainer"]["devices"]) == "2"
     key = ("matching", "normalization", "preserved_layers")
     rows1 = {tuple(r[k] for k in key): r for r in single["results"]}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -665,14 +666,19 @@ def test_run_name_and_root_dir_move_every_output_and_explicit_paths_are_kept(tmp
 # 4. a real kill (SIGKILL) in the write phase leaves the old set or the new one, never a mix
 
 
-def _killed_merge(tmp_path: Path, repo: Path, config: Path, point: str) -> None:
-    """Run `vf merge` in a fresh process and SIGKILL it when it reaches the write-phase point ``point``
-    (``VF_FAULT_POINT``, :func:`vf_lightning.io.fault_point`)."""
+def _merge_waiting_at(tmp_path: Path, repo: Path, config: Path, point: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start `vf merge` in a fresh process that stops at the write-phase point ``point`` (``VF_FAULT_POINT``,
+    :func:`vf_lightning.io.fault_point`) and creates the returned signal file there."""
     signal_file = tmp_path / f"at-{point}"
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
            "VF_FAULT_POINT": f"{point}:{signal_file}"}  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-m", "vf_lightning.cli", "merge", "--config", str(config), *DATA],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    return proc, signal_file
+
+
+def _kill_there(proc: subprocess.Popen[bytes], signal_file: Path, point: str) -> None:
+    """SIGKILL ``proc`` once it has reached its fault point."""
     deadline = time.monotonic() + 300
     try:
         while not signal_file.exists():
@@ -696,20 +702,31 @@ def test_sigkill_in_the_write_phase_leaves_the_old_set_or_the_new_one(
     (out / "notes.txt").write_text("mine")
     old = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     assert {"report.json", "merged.pt", "config.yaml", "notes.txt"} <= set(old)
-    rerun = _merge_config(tmp_path, [ckpts["a"], ckpts["b"]], out, alpha=0.3)
+    # two reruns, each killed at one point of the write phase: one on out, one on a copy of it (the two fresh
+    # processes start at once)
+    second = tmp_path / "second"
+    shutil.copytree(out, second / "out")
+    runs = {point: _merge_waiting_at(d, repo, _merge_config(d, [ckpts["a"], ckpts["b"]], d / "out", alpha=0.3), point)
+            for d, point in ((tmp_path, "staged"), (second, "between-renames"))}  # fmt: skip
 
-    def siblings() -> list[str]:
-        return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out"))
+    def siblings(d: Path = tmp_path) -> list[str]:
+        return sorted(p.name for p in d.iterdir() if p.name.startswith("out"))
 
-    # killed with the new set complete in its staging directory: out_dir is the old set, byte for byte
-    _killed_merge(tmp_path, repo, rerun, "staged")
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == old
-    (staged,) = [tmp_path / n for n in siblings() if n.startswith("out.tmp-")]
-    assert json.loads((staged / "report.json").read_text())["config"]["trainer"]["callbacks"][0]["init_args"][
-        "alpha"] == 0.3 and (staged / "merged.pt").is_file()  # the kill did land in the write phase  # fmt: skip
+    try:
+        # killed with the new set complete in its staging directory: out_dir is the old set, byte for byte
+        _kill_there(*runs["staged"], "staged")
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == old
+        (staged,) = [tmp_path / n for n in siblings() if n.startswith("out.tmp-")]
+        assert json.loads((staged / "report.json").read_text())["config"]["trainer"]["callbacks"][0]["init_args"][
+            "alpha"] == 0.3 and (staged / "merged.pt").is_file()  # the kill did land in the write phase  # fmt: skip
 
-    # killed between the two renames: the old set waits as out.old-<pid>; the next run puts it back first
-    _killed_merge(tmp_path, repo, rerun, "between-renames")
-    assert not out.exists() and any(n.startswith("out.old-") for n in siblings())
+        # killed between the two renames: the old set waits as out.old-<pid>; the next run puts it back first
+        _kill_there(*runs["between-renames"], "between-renames")
+        out = second / "out"
+        assert not out.exists() and any(n.startswith("out.old-") for n in siblings(second))
+    finally:  # neither process outlives the test
+        for proc, _ in runs.values():
+            proc.kill()
+            proc.wait()
     clean_stale(out, report_module.owned_by_writer)  # what the next run does before anything else
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == old and siblings() == ["out"]
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == old and siblings(second) == ["out"]

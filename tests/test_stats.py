@@ -185,7 +185,8 @@ def test_ddp_all_reduce_combines_ranks_exactly_and_identically() -> None:
     x = _shifted(sum(SIZES))
     m_ref, v_ref, r_ref = _reference(x)
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        # fork: the ranks inherit this process's imports (spawn would import torch and this module again, ~6 s)
+        mp.start_processes(_ddp_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, start_method="fork")
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
     r = ranks[0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from torch import nn
@@ -22,6 +24,8 @@ from vf_lightning.align import (
 )
 from vf_lightning.models import ModelConfig, build_model
 from vf_lightning.stats import Moments
+
+wm_module = importlib.import_module("vf_lightning.align.weight_matching")  # the package exports the function
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -201,14 +205,25 @@ def test_n_model_alignment_brings_permuted_copies_into_one_basis(mode: str) -> N
 
 
 @pytest.mark.parametrize("cfg", [ModelConfig(arch="vgg11", norm="bn", width=0.25),
-                                 ModelConfig(arch="resnet20", norm="bn", width=0.5)], ids=["vgg", "resnet20"])
-def test_skipping_unchanged_groups_gives_the_plain_coordinate_descent_result(cfg: ModelConfig) -> None:
+                                 ModelConfig(arch="resnet20", norm="bn", width=0.5),
+                                 ModelConfig(arch="vit", image_size=32, in_channels=3, patch=8, dim=32, depth=2,
+                                             heads=4, num_classes=10)], ids=["vgg", "resnet20", "vit"])
+@pytest.mark.parametrize("incremental", [0.0, 0.25, 1.0])
+def test_skipping_unchanged_groups_gives_the_plain_coordinate_descent_result(
+    cfg: ModelConfig, incremental: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Skipped groups, cached cost terms and terms updated from the units a neighbour moved (never, by default,
+    whenever one neighbour moved) reach the plain coordinate descent's permutations and objective."""
+    monkeypatch.setattr(wm_module, "INCREMENTAL_FRACTION", incremental)
     torch.manual_seed(0)
     a, b = build_model(cfg).eval(), build_model(cfg).eval()
     spec = build_permutation_spec(a, torch.randn(2, 3, 32, 32))
     fast = weight_matching(spec, a.state_dict(), b.state_dict(), seed=3)
     plain = weight_matching(spec, a.state_dict(), b.state_dict(), seed=3, skip_unchanged=False)
     assert fast.sweeps == plain.sweeps and fast.sweeps > 1
-    assert fast.objective == plain.objective and fast.history == plain.history
+    assert fast.objective == plain.objective
+    # the history adds the gains read off the cost matrices: updated terms are float64 sums, recomputed ones
+    # float32 products, so the two agree to float32 rounding
+    assert fast.history == pytest.approx(plain.history, rel=1e-7)
     fp, pp = fast.perms or {}, plain.perms or {}
     assert pp and all(torch.equal(fp[k], pp[k]) for k in pp)

@@ -3,8 +3,11 @@
 A group's cost matrix (in B's original unit order) depends only on the permutations of its neighbours, the
 groups sharing a parameter with it; a group none of whose neighbours changed since it was last solved would
 get the same assignment again, so it is skipped; of a group that is solved, only the cost terms of parameters
-whose other permutations changed are recomputed. Cost matrices are built on the models' device, the LAP is
-solved on CPU.
+whose other permutations changed are brought up to date: when one neighbour moved few of its units (late sweeps
+swap a handful), by adding ``<A, B_now - B_then>`` over the slices of those units (float64), otherwise by a new
+float32 product over the whole parameter. Terms that only the group itself enters (its own rows, biases and
+norm statistics) are one product of the concatenated matrices, computed once. Cost matrices are built on the
+models' device, the LAP is solved on CPU.
 
 Attention groups split into heads (:attr:`PermGroup.heads`) are solved together with the other groups of their
 head set (:func:`solve_assignments`): for every pair of heads the within-head LAPs of each group, then one LAP
@@ -20,9 +23,21 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from vf_lightning.align.permute import Perms, head_perm, identity_perms, invert_perm, permute_axis, permute_state_dict
+from vf_lightning.align.permute import (
+    Perms,
+    expand_index,
+    head_perm,
+    identity_perms,
+    invert_perm,
+    permute_axis,
+    permute_state_dict,
+)
 from vf_lightning.align.results import AlignmentResult
 from vf_lightning.align.spec import PermAxis, PermGroup, PermutationSpec
+
+# a cost term whose one neighbour moved at most this fraction of its units is updated from the slices of those
+# units (a float64 product over them) rather than recomputed (a float32 product over the whole contraction)
+INCREMENTAL_FRACTION = 0.25
 
 
 def _mat(t: torch.Tensor, ax: PermAxis, size: int) -> torch.Tensor:
@@ -92,6 +107,16 @@ def axis_dependencies(spec: PermutationSpec) -> list[list[set[int]]]:
             for gi, g in enumerate(spec.groups)]
 
 
+def other_axes(spec: PermutationSpec) -> dict[tuple[int, int], list[tuple[int, PermAxis]]]:
+    """Per (group, axis index): the other axes of the same parameter, with the group permuting each."""
+    on_key: dict[str, list[tuple[int, int, PermAxis]]] = {}
+    for gi, g in enumerate(spec.groups):
+        for ai, ax in enumerate(g.axes):
+            on_key.setdefault(ax.key, []).append((gi, ai, ax))
+    return {(gi, ai): [(n, nax) for n, na, nax in on_key[ax.key] if (n, na) != (gi, ai)]
+            for gi, g in enumerate(spec.groups) for ai, ax in enumerate(g.axes)}
+
+
 def _device(state: Mapping[str, torch.Tensor], keys: list[str]) -> torch.device:
     return state[keys[0]].device if keys else torch.device("cpu")
 
@@ -134,8 +159,9 @@ def weight_matching(
     fixed: dict[int, torch.Tensor] = {}  # per group: the sum of its cost terms no other permutation enters
     changed_at = [-1] * len(spec.groups)  # step of each group's last permutation change
     solved_at = [0] * len(spec.groups)  # step at which each group was last solved (0: never)
-    # per (group, axis): its cost term in B's original unit order and the step it was computed at
-    terms: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
+    # per (group, axis): its cost term in B's original unit order and the neighbours' permutations it is for
+    terms: dict[tuple[int, int], tuple[torch.Tensor, dict[int, torch.Tensor]]] = {}
+    others = other_axes(spec)
     step = 0
 
     def objective() -> float:
@@ -144,18 +170,51 @@ def weight_matching(
         dirty.clear()
         return float(sum(dots[k] for k in keys))
 
-    def term(gi: int, ai: int, old_dev: torch.Tensor) -> torch.Tensor:
-        """``<A_i, B_j>`` over one axis of group ``gi``, in B's original order (cached while its inputs hold)."""
-        cached = terms.get((gi, ai))
-        if skip_unchanged and cached is not None and all(changed_at[n] < cached[1] for n in deps[gi][ai]):
-            return cached[0]
+    def b_mat(gi: int, ax: PermAxis, inv_old: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        """``_mat`` of B's entry (or of ``t``, a slice of it) with this group's units in B's original order."""
+        return _mat(cur_b[ax.key] if t is None else t, ax, spec.groups[gi].size).index_select(0, inv_old)
+
+    def term(gi: int, ai: int, inv_old: torch.Tensor) -> torch.Tensor:
+        """``<A_i, B_j>`` over one axis of group ``gi``, in B's original order (cached while the neighbours'
+        permutations hold; updated from the slices of the units a neighbour moved when those are few)."""
         g = spec.groups[gi]
         ax = g.axes[ai]
-        prod = a_mats[(ax.key, ax.axis, ax.offset)] @ _mat(cur_b[ax.key], ax, g.size).t()  # float32
-        t = prod.index_select(1, invert_perm(old_dev))  # columns in B's original order; summed in float64
-        if deps[gi][ai]:  # a fixed term is summed into ``fixed`` once, not kept
-            terms[(gi, ai)] = (t, step)
+        cached = terms.get((gi, ai))
+        if skip_unchanged and cached is not None:
+            t, seen = cached
+            moved = [(n, nax) for n, nax in others[(gi, ai)] if not torch.equal(perms[spec.groups[n].name], seen[n])]
+            if not moved:
+                return t
+            if len(moved) == 1 and moved[0][1].axis != ax.axis:
+                n, nax = moved[0]
+                now_p = perms[spec.groups[n].name]
+                units = (now_p != seen[n]).nonzero().squeeze(1)
+                if units.numel() <= INCREMENTAL_FRACTION * now_p.numel():
+                    # only the slices of the neighbour's axis at the units it moved differ from when the term
+                    # was computed: add <A, B_now - B_then> over them (the difference is exact in float64)
+                    back = invert_perm(now_p)[seen[n]]
+                    offset = nax.span(cur_b[ax.key].shape[nax.axis])[0]
+                    now_idx = (offset + expand_index(units, nax.inner)).to(dev)
+                    then_idx = (offset + expand_index(back[units], nax.inner)).to(dev)
+                    diff = (b_mat(gi, ax, inv_old, cur_b[ax.key].index_select(nax.axis, now_idx)).double()
+                            - b_mat(gi, ax, inv_old, cur_b[ax.key].index_select(nax.axis, then_idx)).double())
+                    a_sub = _mat(a[ax.key].index_select(nax.axis, now_idx), ax, g.size).double()
+                    t.addmm_(a_sub, diff.t())  # in place: ``cost`` holds a sum of the terms, not the term
+                    terms[(gi, ai)] = (t, {**seen, n: now_p.clone()})
+                    return t
+        t = (a_mats[(ax.key, ax.axis, ax.offset)] @ b_mat(gi, ax, inv_old).t()).double()  # float32 products
+        terms[(gi, ai)] = (t, {n: perms[spec.groups[n].name].clone() for n, _ in others[(gi, ai)]})
         return t
+
+    def fixed_terms(gi: int, inv_old: torch.Tensor) -> torch.Tensor:
+        """The sum of the terms of parameters only this group permutes (they never change): one product of the
+        concatenated matrices."""
+        g = spec.groups[gi]
+        own = [ax for ai, ax in enumerate(g.axes) if not deps[gi][ai]]
+        if not own:
+            return torch.zeros(g.size, g.size, dtype=torch.float64, device=dev)
+        a_cat = torch.cat([a_mats[(ax.key, ax.axis, ax.offset)] for ax in own], dim=1)
+        return (a_cat @ torch.cat([b_mat(gi, ax, inv_old) for ax in own], dim=1).t()).double()
 
     history = [objective()]
     units = head_sets(spec)
@@ -173,16 +232,13 @@ def weight_matching(
             costs = []
             for gi, g in zip(unit, groups):
                 solved_at[gi] = step
-                old_dev = perms[g.name].to(dev)
-                if gi not in fixed:  # terms of parameters only this group permutes never change
-                    fixed[gi] = torch.zeros(g.size, g.size, dtype=torch.float64, device=dev)
-                    for ai in range(len(g.axes)):
-                        if not deps[gi][ai]:
-                            fixed[gi] += term(gi, ai, old_dev)
+                inv_old = invert_perm(perms[g.name]).to(dev)
+                if gi not in fixed:
+                    fixed[gi] = fixed_terms(gi, inv_old)
                 cost = fixed[gi].clone()
                 for ai in range(len(g.axes)):
                     if deps[gi][ai]:
-                        cost += term(gi, ai, old_dev)  # cost[i, j] = <A_i, B_j> in B's original unit order
+                        cost += term(gi, ai, inv_old)  # cost[i, j] = <A_i, B_j> in B's original unit order
                 costs.append(cost.cpu())
             news = solve_assignments(groups, costs)
             rows = [torch.arange(g.size) for g in groups]

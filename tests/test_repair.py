@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from vf_lightning.evaluate import evaluate
 from vf_lightning.merge import interpolate_models
 from vf_lightning.models import ModelConfig, build_model
 from vf_lightning.repair import (
@@ -22,6 +23,7 @@ from vf_lightning.repair import (
     compute_goals,
     default_correction_sites,
     ensure_biases,
+    evaluated_stats,
     fold_affine,
     get_normalization,
     normalize,
@@ -231,6 +233,26 @@ def test_goals_are_reusable_and_one_reference_and_averaged_goals() -> None:
     avg = one_ref.averaged()
     assert torch.allclose(avg.std[sites[1]], avg.std[sites[1]].mean().expand_as(avg.std[sites[1]]))
     assert torch.allclose(avg.mean[sites[1]].abs(), sa.mean[sites[1]].abs().mean().expand(len(avg.mean[sites[1]])))
+
+
+def test_accuracy_and_statistics_from_one_pass_equal_the_two_passes() -> None:
+    """evaluated_stats: one forward per batch gives evaluate's numbers and reference_stats's goals, BatchNorm
+    sites (derived from their producers) included."""
+    a, _ = _pair("vgg11", "bn")
+    loader = _loader(n=40)  # batches of 16, 16, 8
+    sites = [*default_correction_sites(a), *batchnorm_sites(a)]
+    assert batchnorm_sites(a)
+    calls = []
+    handle = a.register_forward_hook(lambda *_: calls.append(1))
+    metrics, goals = evaluated_stats(a.train(), loader, sites)
+    handle.remove()
+    assert len(calls) == len(loader) and a.training  # one pass; the mode is restored
+    assert metrics == evaluate(a, loader)
+    (ref,) = reference_stats([a], loader, sites)
+    assert goals.sites == ref.sites
+    for s in sites:
+        torch.testing.assert_close(goals.mean[s], ref.mean[s], rtol=0, atol=0)
+        torch.testing.assert_close(goals.std[s], ref.std[s], rtol=0, atol=0)
 
 
 def test_bias_calibration_endpoints_and_power_rule() -> None:

@@ -38,7 +38,7 @@ from vf_lightning.merge.tasks import DEFAULT_GRIDS, TASK_MERGERS, MergeOutput, c
 from vf_lightning.models import ModelConfig
 from vf_lightning.progress import advance, status
 from vf_lightning.repair.correct import affine_correct
-from vf_lightning.repair.goals import Goals, combine_goals, reference_stats
+from vf_lightning.repair.goals import Goals, combine_goals, evaluated_stats, reference_stats
 from vf_lightning.repair.sites import batchnorm_sites, preactivation_sites
 
 Correction = Literal["none", "repair", "tact"]
@@ -96,6 +96,7 @@ def prepare(anchor: StateDict, experts: Sequence[Expert], tasks: Sequence[TaskDa
         raise ValueError(f"{type(nets[0]).__name__} has no Conv/Linear layer before its head; nothing to correct")
     splits = [e.split() for e in experts]
     mixed = [x for t in tasks for x in t.calib]
+    tested = [evaluated_stats(n, t.test, site_list) for n, t in zip(nets, tasks)]  # accuracy and statistics
     return Prepared(
         anchor=anchor,
         bodies=[b for b, _ in splits],
@@ -103,10 +104,10 @@ def prepare(anchor: StateDict, experts: Sequence[Expert], tasks: Sequence[TaskDa
         configs=[e.config for e in experts],
         sites=site_list,
         expert_val=[evaluate(n, t.val)["acc"] for n, t in zip(nets, tasks)],
-        expert_test=[evaluate(n, t.test)["acc"] for n, t in zip(nets, tasks)],
+        expert_test=[metrics["acc"] for metrics, _ in tested],
         tact_goals=[reference_stats([n], t.calib, site_list)[0] for n, t in zip(nets, tasks)],
         repair_goals=combine_goals(reference_stats(nets, mixed, site_list)),
-        test_stats=[reference_stats([n], inputs_of(t.test), site_list)[0] for n, t in zip(nets, tasks)],
+        test_stats=[stats for _, stats in tested],
     )
 
 
@@ -157,13 +158,13 @@ def ratio_of_mean_variances(stats: Goals, target: Goals) -> dict[str, float]:
             for s in target.sites}
 
 
-def task_variance_ratios(model: MultiTaskModel, task: int, prep: Prepared, data: TaskData
-                         ) -> tuple[dict[str, float], dict[str, float]]:
-    """Task ``task``'s variance ratio (mean over channels of std ratios) and ratio of mean variances at the sites,
-    on its test inputs, against expert ``task``'s statistics there."""
-    stats = reference_stats([model.task_network(task)], inputs_of(data.test), prep.sites)[0]
+def task_test_numbers(model: MultiTaskModel, task: int, prep: Prepared, data: TaskData
+                      ) -> tuple[float, dict[str, float], dict[str, float]]:
+    """Task ``task``'s test accuracy, variance ratio (mean over channels of std ratios) and ratio of mean
+    variances at the sites against expert ``task``'s statistics, from one pass over its test data."""
+    metrics, stats = evaluated_stats(model.task_network(task), data.test, prep.sites)
     target = prep.test_stats[task]
-    return variance_ratio_from_stats(stats, target), ratio_of_mean_variances(stats, target)
+    return metrics["acc"], variance_ratio_from_stats(stats, target), ratio_of_mean_variances(stats, target)
 
 
 # ------------------------------------------------------------------------------------------------- variants
@@ -213,9 +214,8 @@ def run_variant(prep: Prepared, tasks: Sequence[TaskData], method: str, correcti
         chosen = [best] * len(tasks)
     acc, vr, vrm = [], [], []
     for t, task in enumerate(tasks):
-        model = models[chosen[t]]
-        acc.append(evaluate(TaskView(model, t), task.test)["acc"])
-        ratios, of_means = task_variance_ratios(model, t, prep, task)
+        accuracy, ratios, of_means = task_test_numbers(models[chosen[t]], t, prep, task)
+        acc.append(accuracy)
         vr.append(ratios)
         vrm.append(of_means)
     norm = [a / max(e, 1e-12) for a, e in zip(acc, prep.expert_test)]

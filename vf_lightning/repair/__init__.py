@@ -9,7 +9,7 @@ from vf_lightning.repair.correct import (
     sequential_estimate,
 )
 from vf_lightning.repair.fold import ensure_biases, fold_affine
-from vf_lightning.repair.goals import Goals, combine_goals, compute_goals, reference_stats
+from vf_lightning.repair.goals import Goals, combine_goals, compute_goals, evaluated_stats, reference_stats
 from vf_lightning.repair.registry import (
     NORMALIZATIONS,
     WEIGHT_ONLY,
@@ -52,6 +52,7 @@ __all__ = [
     "normalize",
     "plan_sites",
     "preactivation_sites",
+    "evaluated_stats",
     "reference_stats",
     "register_normalization",
     "reset_bn_stats",

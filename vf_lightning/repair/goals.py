@@ -16,7 +16,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from vf_lightning.align.graph import ModelGraph
 from vf_lightning.align.spec import UnsupportedOpError
-from vf_lightning.stats import stream_moments
+from vf_lightning.evaluate import evaluate
+from vf_lightning.stats import Moments, accumulate_moments, stream_moments
 
 
 @dataclass(frozen=True)
@@ -72,19 +73,44 @@ def reference_stats(
         derived = affine_derived_sites(models[0], names)
         measured = [n for n in names if n not in derived]
         moments = stream_moments(models, [measured] * len(models), loader, max_samples=max_samples)
-        out = []
-        for model, mom in zip(models, moments):
-            mean = {n: mom[n].mean for n in measured}
-            std = {n: mom[n].std for n in measured}
-            modules = dict(model.named_modules())
-            for bn, src in derived.items():  # eval BatchNorm: y = s·x + t per channel, exactly in float64
-                scale, shift = batchnorm_affine(modules[bn])
-                mean[bn], std[bn] = scale * mean[src] + shift, scale.abs() * std[src]
-            out.append(Goals({n: mean[n] for n in names}, {n: std[n] for n in names}))
+        return [_goals(model, names, derived, mom) for model, mom in zip(models, moments)]
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)
-    return out
+
+
+def evaluated_stats(model: nn.Module, batches: Iterable[object], sites: Sequence[str],
+                    device: torch.device | str | None = None) -> tuple[dict[str, float], Goals]:  # fmt: skip
+    """``{"acc", "loss"}`` of ``model`` on the labelled ``batches`` and its output statistics at ``sites`` on the
+    same inputs, from one pass (what :func:`~vf_lightning.evaluate.evaluate` and :func:`reference_stats` give
+    with a pass each). Statistics are reduced across DDP ranks like :func:`reference_stats`'s; the metrics are
+    this rank's."""
+    names = list(sites)
+    was_training = model.training
+    model.eval()
+    try:
+        derived = affine_derived_sites(model, names)
+        measured = [n for n in names if n not in derived]
+        with accumulate_moments(model, measured) as store:
+            metrics = evaluate(model, batches, device)
+        with torch.inference_mode():  # the moments were made in evaluate's inference mode
+            for mom in store.values():
+                mom.all_reduce()
+        return metrics, _goals(model, names, derived, store)
+    finally:
+        model.train(was_training)
+
+
+def _goals(model: nn.Module, names: Sequence[str], derived: dict[str, str], moments: dict[str, Moments]) -> Goals:
+    """Goals at ``names`` from the moments of the measured sites; a site ``derived`` maps to the measured site
+    whose eval-mode BatchNorm it is gets its statistics through the BatchNorm's affine map (exactly, float64)."""
+    mean = {n: moments[n].mean for n in moments}
+    std = {n: moments[n].std for n in moments}
+    modules = dict(model.named_modules())
+    for bn, src in derived.items():  # eval BatchNorm: y = s·x + t per channel, exactly in float64
+        scale, shift = batchnorm_affine(modules[bn])
+        mean[bn], std[bn] = scale * mean[src] + shift, scale.abs() * std[src]
+    return Goals({n: mean[n] for n in names}, {n: std[n] for n in names})
 
 
 def batchnorm_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

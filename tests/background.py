@@ -104,9 +104,11 @@ class Runner:
             name = factory.__name__
             path = self.base / name
             path.mkdir()
-            with torch.random.fork_rng():
-                stages = factory(path)
-            self.jobs[factory] = Job(name, path, stages)
+            try:
+                with torch.random.fork_rng():
+                    self.jobs[factory] = Job(name, path, factory(path))
+            except Exception as e:  # noqa: BLE001 - the tests waiting on this job fail with it, the others run
+                self.jobs[factory] = Job(name, path, [], error=f"its factory failed: {type(e).__name__}: {e}")
         self._thread = threading.Thread(target=self._run_all, name="vf-background", daemon=True)
         self._thread.start()
 

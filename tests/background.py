@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -91,6 +92,14 @@ def job(seconds: float) -> Callable[[Factory], Factory]:
     return mark
 
 
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL ``proc`` and every process of its session."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+
+
 class Runner:
     """Runs the session's jobs in one background thread; :meth:`wait` blocks until a job has finished."""
 
@@ -129,15 +138,17 @@ class Runner:
         procs = []
         for cmd in stage:
             with open(job.dir / f"{cmd.name}.out", "wb") as out, open(job.dir / f"{cmd.name}.err", "wb") as err:
+                # a session of its own: a kill takes the processes it started too (a DDP launcher's other rank)
                 proc = subprocess.Popen([*NICE, sys.executable, *cmd.argv], cwd=cmd.cwd or job.dir,
-                                        env=cmd.env or python_env(), stdout=out, stderr=err)  # fmt: skip
+                                        env=cmd.env or python_env(), stdout=out, stderr=err,
+                                        start_new_session=True)  # fmt: skip
             self._running.append(proc)
             procs.append((cmd, proc))
         for cmd, proc in procs:
             try:
                 job.returncodes[cmd.name] = proc.wait(timeout=cmd.timeout)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                _kill(proc)
                 proc.wait()
                 job.error = f"{cmd.name} did not finish in {cmd.timeout:.0f} s (killed)"
             self._running.remove(proc)
@@ -156,6 +167,6 @@ class Runner:
         """Kill what still runs and remove the jobs' directories."""
         self._closed.set()
         for proc in list(self._running):
-            proc.kill()
+            _kill(proc)
         self._thread.join(timeout=30)
         shutil.rmtree(self.base, ignore_errors=True)

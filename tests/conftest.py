@@ -12,13 +12,12 @@ from typing import Any
 
 import pytest
 import torch
-from background import Job, Runner
+from background import REPO, Job, Runner
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-REPO = Path(__file__).resolve().parents[1]
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 

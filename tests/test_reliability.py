@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from background import python_env
 from torch import nn
 from vf_lightning.callbacks import MergeCallback, ReportWriter, VarianceCollapseCallback
 from vf_lightning.callbacks import report as report_module
@@ -666,12 +667,11 @@ def test_run_name_and_root_dir_move_every_output_and_explicit_paths_are_kept(tmp
 # 4. a real kill (SIGKILL) in the write phase leaves the old set or the new one, never a mix
 
 
-def _merge_waiting_at(tmp_path: Path, repo: Path, config: Path, point: str) -> tuple[subprocess.Popen[bytes], Path]:
+def _merge_waiting_at(tmp_path: Path, config: Path, point: str) -> tuple[subprocess.Popen[bytes], Path]:
     """Start `vf merge` in a fresh process that stops at the write-phase point ``point`` (``VF_FAULT_POINT``,
     :func:`vf_lightning.io.fault_point`) and creates the returned signal file there."""
     signal_file = tmp_path / f"at-{point}"
-    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
-           "VF_FAULT_POINT": f"{point}:{signal_file}"}  # fmt: skip
+    env = python_env(VF_FAULT_POINT=f"{point}:{signal_file}")
     proc = subprocess.Popen([sys.executable, "-m", "vf_lightning.cli", "merge", "--config", str(config), *DATA],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     return proc, signal_file
@@ -695,7 +695,7 @@ def _kill_there(proc: subprocess.Popen[bytes], signal_file: Path, point: str) ->
 
 
 def test_sigkill_in_the_write_phase_leaves_the_old_set_or_the_new_one(
-    ckpts: dict[str, Path], tmp_path: Path, repo: Path, fmnist: Path
+    ckpts: dict[str, Path], tmp_path: Path, fmnist: Path
 ) -> None:
     out = tmp_path / "out"
     main(["merge", "--config", str(_merge_config(tmp_path, [ckpts["a"], ckpts["b"]], out, alpha=0.5)), *DATA])
@@ -706,7 +706,7 @@ def test_sigkill_in_the_write_phase_leaves_the_old_set_or_the_new_one(
     # processes start at once)
     second = tmp_path / "second"
     shutil.copytree(out, second / "out")
-    runs = {point: _merge_waiting_at(d, repo, _merge_config(d, [ckpts["a"], ckpts["b"]], d / "out", alpha=0.3), point)
+    runs = {point: _merge_waiting_at(d, _merge_config(d, [ckpts["a"], ckpts["b"]], d / "out", alpha=0.3), point)
             for d, point in ((tmp_path, "staged"), (second, "between-renames"))}  # fmt: skip
 
     def siblings(d: Path = tmp_path) -> list[str]:

@@ -162,13 +162,43 @@ class _PairBatch:
     m2: torch.Tensor  # 2C
     com: torch.Tensor  # 2C × 2C (full), or the C × C cross block
 
+
+class _SiteTotal:
+    """One site's batches, combined exactly once at the end of the pass (Chan et al. over all of them at once)
+    instead of batch by batch: per batch only the co-moment is added up (one op) and the count, means and ``M2``
+    kept, so the float64 update costs a few ops per site and pass, not per batch."""
+
+    def __init__(self) -> None:
+        self.ns: list[int] = []
+        self.means: list[torch.Tensor] = []
+        self.m2s: list[torch.Tensor] = []
+        self.com: torch.Tensor | None = None
+
+    def add(self, b: _PairBatch) -> None:
+        if b.n == 0:
+            return
+        self.ns.append(b.n)
+        self.means.append(b.mean)
+        self.m2s.append(b.m2)
+        self.com = b.com.clone() if self.com is None else self.com.add_(b.com)
+
     def add_to(self, st: CrossMoments | Moments) -> None:
-        c = self.mean.shape[0] // 2
+        """Combine every batch into ``st``: ``Σ M2ᵢ + Σ nᵢ dᵢ²`` and ``Σ comᵢ + Σ nᵢ dᵢ d_jᵀ`` about the pooled mean."""
+        if self.com is None:
+            return
+        means = torch.stack(self.means)
+        n = torch.tensor(self.ns, dtype=means.dtype, device=means.device)
+        total = int(sum(self.ns))
+        mean = (n @ means) / total
+        d = means - mean
+        nd = d * n[:, None]
+        m2 = torch.stack(self.m2s).sum(0) + (nd * d).sum(0)
+        c = mean.shape[0] // 2
         if isinstance(st, Moments):
-            st.combine(self.n, self.mean, self.m2, self.com)
+            st.combine(total, mean, m2, self.com + nd.t() @ d)
         else:
             cross = self.com[:c, c:] if self.com.shape[0] == 2 * c else self.com
-            st.combine(self.n, self.mean[:c], self.m2[:c], self.mean[c:], self.m2[c:], cross)
+            st.combine(total, mean[:c], m2[:c], mean[c:], m2[c:], cross + nd[:, :c].t() @ d[:, c:])
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -341,6 +371,7 @@ def activation_statistics(
         g.name: Moments(2 * g.size, outer=True, device=device) if full else CrossMoments(g.size, g.size, device)
         for g in spec.groups
     }
+    totals = {k: _SiteTotal() for k in site_groups}
     modes = (model_a.training, model_b.training)
     model_a.eval()
     model_b.eval()
@@ -358,13 +389,14 @@ def activation_statistics(
                 if rec.modified():  # an activation of A was changed in place after its hook: run A again, copying it
                     model_a(x)
                 model_b(x)
-                for k, names in site_groups.items():
-                    pb = rec.batch(k)  # type: ignore[arg-type]
-                    for name in names:
-                        pb.add_to(stats[name])
+                for k in site_groups:
+                    totals[k].add(rec.batch(k))  # type: ignore[arg-type]
     finally:
         model_a.train(modes[0])
         model_b.train(modes[1])
+    for k, names in site_groups.items():
+        for name in names:
+            totals[k].add_to(stats[name])
     for st in stats.values():
         st.all_reduce()
     return stats

@@ -134,7 +134,7 @@ def gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a.t() @ b).to(torch.float64)
     r = m // k
     out = torch.bmm(a[:k * r].reshape(k, r, ca).transpose(1, 2), b[:k * r].reshape(k, r, cb))
-    out = out.to(torch.float64).sum(0)
+    out = out.sum(0, dtype=torch.float64)
     if m > k * r:
         out += (a[k * r:].t() @ b[k * r:]).to(torch.float64)
     return out

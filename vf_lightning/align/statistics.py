@@ -29,7 +29,6 @@ from vf_lightning.stats import (
     channel_rows,
     compute_dtype,
     gram,
-    initial_shift,
     is_distributed,
     iter_inputs,
     model_device,
@@ -218,6 +217,7 @@ class _Held:
     rows: torch.Tensor
     live: torch.Tensor | None
     version: int | None
+    own: torch.Tensor | None = None  # full mode: A's own co-moment ``Σ (a − ā)(a − ā)ᵀ``, taken at its hook
 
 
 class _PairRecorder:
@@ -226,14 +226,15 @@ class _PairRecorder:
     Cross mode (activation matching): each side's moments come from :meth:`Moments.reduce` at its hook (fused,
     without a copy, when well conditioned); A's activation is kept as it is until B's hook multiplies it with B's
     (a copy only where the model modifies it in place afterwards: :meth:`modified`). Two well-conditioned sides
-    are multiplied uncentred (``Σ a bᵀ − n ā b̄ᵀ``), others centred. Full mode (ZipIt / CCA) centres both sides
-    into one ``M × (2C + 1)`` buffer ``[c_A | c_B | 1]`` whose Gram matrix holds every sum, square and product.
+    are multiplied uncentred (``Σ a bᵀ − n ā b̄ᵀ``), others centred. Full mode (ZipIt / CCA) adds each side's
+    own co-moment, taken the same way at its hook while its activation is fresh: the ``2C × 2C`` co-moment is
+    three ``C × C`` products (A×A, B×B, A×B) instead of one product of a centred ``[A | B | 1]`` copy (4× the
+    multiply-adds, and two writes).
     """
 
     def __init__(self, dtype: torch.dtype | None, full: bool) -> None:
         self.dtype, self.full = dtype, full
         self.paths: dict[tuple[int, SiteKey], Moments] = {}  # per side and site: the reduction path and its shift
-        self.bufs: dict[SiteKey, torch.Tensor] = {}
         self.held: dict[SiteKey, _Held] = {}
         self.done: dict[SiteKey, _PairBatch] = {}
         self.copied: set[SiteKey] = set()  # sites whose A activation is modified in place after its hook
@@ -249,9 +250,6 @@ class _PairRecorder:
         dt = self.dtype or compute_dtype(t.dtype)
         cd, _ = channel_layout(t)
         c = t.shape[cd]
-        if self.full:
-            self._take_joint(side, k, t if t.is_floating_point() else t.to(dt), dt)
-            return
         xt = t if t.dtype == dt else t.to(dt)  # a conversion is a copy: nothing can modify it later
         mom = self._path(side, k, xt, c).reduce(xt, dt, self.scratch)
         rows = channel_rows(xt)
@@ -260,24 +258,34 @@ class _PairRecorder:
             version = _version(t) if live is not None else None
             if live is not None and (version is None or k in self.copied):
                 rows, live = rows.clone(), None
-            self.held[k] = _Held(mom, rows, live, version)
+            own = self._comoment(k, (0, mom, rows), None, dt) if self.full else None
+            self.held[k] = _Held(mom, rows, live, version, own)
             return
         held = self.held.pop(k)
         if held.moments.n != mom.n:
             raise ValueError(f"site {k} has {held.moments.n} positions in A but {mom.n} in B")
+        cross = self._comoment(k, (0, held.moments, held.rows), (1, mom, rows), dt)
+        if self.full and held.own is not None:
+            c = cross.shape[0]
+            com = cross.new_empty(2 * c, 2 * c)
+            com[:c, :c], com[:c, c:], com[c:, :c] = held.own, cross, cross.t()
+            com[c:, c:] = self._comoment(k, (1, mom, rows), None, dt)
+            cross = com
         self.done[k] = _PairBatch(mom.n, torch.cat([held.moments.mean, mom.mean]),
-                                  torch.cat([held.moments.m2, mom.m2]), self._cross(k, held, mom, rows, dt))
+                                  torch.cat([held.moments.m2, mom.m2]), cross)
 
-    def _cross(self, k: SiteKey, held: _Held, mom: BatchMoments, rows: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-        """``Σ (a − ā)(b − b̄)ᵀ`` of one batch, float64."""
-        a = held.moments
-        if a.fused and mom.fused:
-            return gram(held.rows, rows) - a.n * torch.outer(a.mean, mom.mean)
-        shift_a = self.paths[(0, k)].shift
-        shift_b = self.paths[(1, k)].shift
-        ca = centre(held.rows, a.mean if shift_a is None else shift_a, dt, self.scratch)
-        cb = centre(rows, mom.mean if shift_b is None else shift_b, dt)
-        return ca.comoment(cb)
+    def _comoment(self, k: SiteKey, x: tuple[int, BatchMoments, torch.Tensor],
+                  y: tuple[int, BatchMoments, torch.Tensor] | None, dt: torch.dtype) -> torch.Tensor:
+        """``Σ (x − x̄)(y − ȳ)ᵀ`` of one batch of ``(side, moments, rows)`` pairs (``y=None``: ``x`` with itself),
+        float64: uncentred when both are well conditioned, else centred on each side's shift."""
+        (sx, mx, rx), (sy, my, ry) = x, y or x
+        if mx.fused and my.fused:
+            return gram(rx, ry) - mx.n * torch.outer(mx.mean, my.mean)
+        shift_x, shift_y = self.paths[(sx, k)].shift, self.paths[(sy, k)].shift
+        cx = centre(rx, mx.mean if shift_x is None else shift_x, dt, self.scratch)
+        if y is None:
+            return cx.comoment(cx)
+        return cx.comoment(centre(ry, my.mean if shift_y is None else shift_y, dt))
 
     def modified(self) -> list[SiteKey]:
         """Sites whose kept A activation was modified in place after its hook (the model's forward changed it):
@@ -286,32 +294,9 @@ class _PairRecorder:
         self.copied.update(bad)
         return bad
 
-    def _take_joint(self, side: int, k: SiteKey, t: torch.Tensor, dt: torch.dtype) -> None:
-        cd, _ = channel_layout(t)
-        c = t.shape[cd]
-        path = self._path(side, k, t, c)
-        if path.shift is None:
-            path.shift = initial_shift(t, dt).to(torch.float64)
-        moved = t.movedim(cd, -1)
-        m = moved.numel() // max(c, 1)
-        buf = self.bufs.get(k)
-        if buf is None or buf.shape != (m, 2 * c + 1) or buf.dtype != dt or buf.device != t.device:
-            buf = torch.empty(m, 2 * c + 1, dtype=dt, device=t.device)
-            buf[:, 2 * c] = 1
-            self.bufs[k] = buf
-        torch.sub(moved, path.shift.to(dt), out=buf[:, side * c:(side + 1) * c].view(moved.shape))
-
     def batch(self, k: SiteKey) -> _PairBatch:
         """The reduced batch of site ``k`` after both forwards."""
-        if not self.full:
-            return self.done.pop(k)
-        s_ab = torch.cat([self.paths[(0, k)].shift, self.paths[(1, k)].shift])  # type: ignore[list-item]
-        buf = self.bufs[k]
-        n, c2 = buf.shape[0], buf.shape[1] - 1
-        g = gram(buf, buf)
-        total = g[:c2, c2]
-        com = g[:c2, :c2] - torch.outer(total, total) / max(n, 1)
-        return _PairBatch(n, s_ab.to(total) + total / max(n, 1), com.diagonal().clamp_min(0), com)
+        return self.done.pop(k)
 
 
 def _key(s: Site) -> SiteKey:

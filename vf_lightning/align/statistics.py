@@ -187,17 +187,16 @@ class _SiteTotal:
             return
         means = torch.stack(self.means)
         n = torch.tensor(self.ns, dtype=means.dtype, device=means.device)
-        total = int(sum(self.ns))
+        total = sum(self.ns)
         mean = (n @ means) / total
         d = means - mean
         nd = d * n[:, None]
         m2 = torch.stack(self.m2s).sum(0) + (nd * d).sum(0)
-        c = mean.shape[0] // 2
-        if isinstance(st, Moments):
+        if isinstance(st, Moments):  # full mode: the 2C × 2C co-moment
             st.combine(total, mean, m2, self.com + nd.t() @ d)
-        else:
-            cross = self.com[:c, c:] if self.com.shape[0] == 2 * c else self.com
-            st.combine(total, mean[:c], m2[:c], mean[c:], m2[c:], cross + nd[:, :c].t() @ d[:, c:])
+        else:  # cross mode: the C × C A×B block
+            c = mean.shape[0] // 2
+            st.combine(total, mean[:c], m2[:c], mean[c:], m2[c:], self.com + nd[:, :c].t() @ d[:, c:])
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -265,7 +264,7 @@ class _PairRecorder:
         if held.moments.n != mom.n:
             raise ValueError(f"site {k} has {held.moments.n} positions in A but {mom.n} in B")
         cross = self._comoment(k, (0, held.moments, held.rows), (1, mom, rows), dt)
-        if self.full and held.own is not None:
+        if held.own is not None:  # full mode
             c = cross.shape[0]
             com = cross.new_empty(2 * c, 2 * c)
             com[:c, :c], com[:c, c:], com[c:, :c] = held.own, cross, cross.t()

@@ -230,26 +230,31 @@ def test_activation_statistics_match_a_float64_reference(path: str, monkeypatch:
     assert (fu.corr() - r_ref).abs().max() < 1e-5
 
 
-def test_activation_statistics_pool_batches_that_switch_to_the_centred_path(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("full", [False, True])
+@pytest.mark.parametrize("flush_every", [64, 2])
+def test_activation_statistics_pool_batches_that_switch_to_the_centred_path(monkeypatch: pytest.MonkeyPatch,
+                                                                              full: bool, flush_every: int) -> None:
     """Batches of one site taken by different paths (uncentred while well conditioned, then centred once a batch's
-    |mean| ≫ std) are pooled exactly at the end of the pass: equal to a float64 reference of all features."""
+    |mean| ≫ std) are pooled exactly (at the end of the pass, or every two batches): equal to a float64 reference
+    of all features, for the cross block and for the full ``2C × 2C`` moments."""
     monkeypatch.setattr(stats, "FUSED_MIN_ROWS", 1)
+    monkeypatch.setattr(statistics, "SITE_BATCHES", flush_every)
     calls: list[bool] = []
-    real = stats.fused_moments
+    real = stats.fused_partials
 
-    def spy(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def spy(x: torch.Tensor) -> tuple[stats.Partials, ...] | None:
         out = real(x)
         calls.append(out is not None)
         return out
 
-    monkeypatch.setattr(stats, "fused_moments", spy)
+    monkeypatch.setattr(stats, "fused_partials", spy)
     torch.manual_seed(0)
     a, b = (nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).eval() for _ in range(2))
     g = torch.Generator().manual_seed(1)
     loader = [torch.randn(n, 4, generator=g) for n in (40, 17, 33)]
     loader += [torch.randn(n, 4, generator=g) * 1e-3 + 50.0 for n in (25, 30)]  # positive units: |mean| ≫ std
     spec = build_permutation_spec(a, loader[0][:2])
-    got = activation_statistics(a, b, spec, loader)
+    got = activation_statistics(a, b, spec, loader, full=full)
     assert True in calls and False in calls  # both paths ran at the site
     (grp,) = spec.groups
     keys = [(s.module, s.call, s.port) for s in grp.activation_sites]
@@ -260,12 +265,18 @@ def test_activation_statistics_pool_batches_that_switch_to_the_centred_path(monk
             feats += [torch.cat([sa[k], sb[k]]).t() for k in keys]
     m_ref, v_ref, r_ref = _reference(torch.cat(feats))
     st = got[grp.name]
-    assert isinstance(st, CrossMoments)
-    assert int(st.a.count) == sum(x.shape[0] for x in loader)
-    assert torch.allclose(torch.cat([st.a.mu, st.b.mu]), m_ref, rtol=1e-6, atol=1e-6)
     live = v_ref > 0
-    assert (((torch.cat([st.a.var, st.b.var]) - v_ref).abs()[live] / v_ref[live]) < 1e-5).all()
-    assert (torch.nan_to_num(st.corr()) - torch.nan_to_num(r_ref[:6, 6:])).abs().max() < 1e-5
+    if full:
+        assert isinstance(st, Moments)
+        count, mean, var, corr, r = st.count, st.mu, st.var, st.corr(), r_ref
+    else:
+        assert isinstance(st, CrossMoments)
+        count, mean, var = st.a.count, torch.cat([st.a.mu, st.b.mu]), torch.cat([st.a.var, st.b.var])
+        corr, r = st.corr(), r_ref[:6, 6:]
+    assert int(count) == sum(x.shape[0] for x in loader)
+    assert torch.allclose(mean, m_ref, rtol=1e-6, atol=1e-6)
+    assert (((var - v_ref).abs()[live] / v_ref[live]) < 1e-5).all()
+    assert (torch.nan_to_num(corr) - torch.nan_to_num(r)).abs().max() < 1e-5
 
 
 def test_activation_statistics_copy_a_site_the_model_modifies_in_place_later() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -192,44 +193,46 @@ def _all_reduce_flat(parts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def chan_all_reduce(count: torch.Tensor, means: Sequence[torch.Tensor],
-                    second: Sequence[tuple[torch.Tensor, int, int | None]]) -> tuple[torch.Tensor, list[torch.Tensor],
-                                                                                    list[torch.Tensor]]:
-    """Exact DDP combination of float64 (count, means, second moments about the means) in two all-reduces.
+def chan_pool(count: torch.Tensor, means: Sequence[torch.Tensor],
+              second: Sequence[tuple[torch.Tensor, int, int | None]],
+              total: Callable[[Sequence[torch.Tensor]], list[torch.Tensor]] | None = None,
+              ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Chan et al.'s exact combination of ``K`` groups of float64 (count, means, second moments about the means).
 
-    ``second`` lists ``(M, i, j)``: ``M`` is ``Σ (x_i − mean_i)²`` (``j=None``, per channel) or the co-moment
-    ``Σ (x_i − mean_i)(x_j − mean_j)ᵀ``. Round 1 sums ``count`` and ``count·mean``; round 2 sums
-    ``M + count·(mean_i − μ_i)(mean_j − μ_j)`` about the global means ``μ``. Every rank gets identical results.
+    ``count`` is ``K``, each mean ``K × D``; ``second`` lists ``(M, i, j)``: ``M`` is the groups' ``Σ (x_i − mean_i)²``
+    (``j=None``, per channel) or co-moment ``Σ (x_i − mean_i)(x_j − mean_j)ᵀ``, already summed over the ``K``
+    groups. Returns the total count, the pooled means ``μ`` and ``M + Σ_k count_k (mean_ik − μ_i)(mean_jk − μ_j)ᵀ``.
+    ``total`` sums a list of tensors over DDP ranks (:func:`chan_all_reduce`); by default the groups are all local.
     """
-    first = _all_reduce_flat([count.reshape(1)] + [count * m for m in means])
+    add_up = total or list
+    first = add_up([count.sum().reshape(1)] + [count @ m for m in means])
     n = first[0].reshape(())
     mus = [s / n.clamp_min(1) for s in first[1:]]
     d = [m - mu for m, mu in zip(means, mus)]
-    terms = [m + count * (d[i] * d[i] if j is None else torch.outer(d[i], d[j])) for m, i, j in second]
-    return n, mus, _all_reduce_flat(terms)
+    nd = [count[:, None] * x for x in d]
+    terms = [m + ((nd[i] * d[i]).sum(0) if j is None else nd[i].t() @ d[j]) for m, i, j in second]
+    return n, mus, add_up(terms)
+
+
+def chan_all_reduce(count: torch.Tensor, means: Sequence[torch.Tensor],
+                    second: Sequence[tuple[torch.Tensor, int, int | None]]) -> tuple[torch.Tensor, list[torch.Tensor],
+                                                                                    list[torch.Tensor]]:
+    """Exact DDP combination of float64 (count, means, second moments about the means) in two all-reduces: each
+    rank is one group of :func:`chan_pool`. Round 1 sums ``count`` and ``count·mean``; round 2 sums
+    ``M + count·(mean_i − μ_i)(mean_j − μ_j)`` about the global means ``μ``. Every rank gets identical results.
+    """
+    return chan_pool(count.reshape(1), [m[None] for m in means], second, _all_reduce_flat)
 
 
 WELL_CONDITIONED = 4.0
-"""A batch whose every channel has ``|mean| ≤ WELL_CONDITIONED · std`` takes :func:`fused_moments`: its variance is
+"""A batch whose every channel has ``|mean| ≤ WELL_CONDITIONED · std`` takes :func:`fused_partials`: its variance is
 two-pass about float32 partial means (exact to ~1e-7 relative whatever the mean), but the mean itself carries the
 float32 rounding of ``|mean|`` (measured ≤ 4e-7·std at 4). Beyond it, values are centred on a fixed shift first."""
 
-FUSED_ROWS = 256  # rows per partial of fused_moments: each float32 accumulation runs over at most this many rows
+FUSED_ROWS = 256  # rows per partial of fused_partials: each float32 accumulation runs over at most this many rows
 FUSED_MIN_ROWS = 32 * FUSED_ROWS
 """Smaller batches are centred: the float32 rounding of a partial mean (≈ 3e-6·std over 256 rows at |mean| = 3·std)
 only averages out over many partials (4e-8·std over 1,024). Small batches are cheap to centre anyway."""
-
-
-def well_conditioned(x: torch.Tensor) -> bool:
-    """Whether the first :data:`SHIFT_SAMPLES` inputs of an activation batch have every channel's ``|mean|``
-    within :data:`WELL_CONDITIONED` standard deviations: the cheap guess that decides a site's path
-    (:func:`fused_moments` is checked on each batch exactly)."""
-    _, dims = channel_layout(x)
-    head = x[:SHIFT_SAMPLES]
-    head = head if head.is_floating_point() else head.float()
-    mean = head.mean(dims)
-    var = (head * head).mean(dims) - mean * mean  # a guess (each batch is checked exactly)
-    return bool((mean * mean <= WELL_CONDITIONED ** 2 * var).all())
 
 
 def _column_moments(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,18 +245,52 @@ def _column_moments(cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
-def fused_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(mean, M2)`` per channel (float64) of an activation batch without a centred copy, or ``None`` when it cannot
-    (a layout other than ``M × C`` rows or contiguous ``N×C×H×W``) or a channel is not well conditioned
-    (:data:`WELL_CONDITIONED`; a constant non-zero channel never is): the caller then centres it.
+@dataclass(frozen=True)
+class Partials:
+    """Per-channel moments of ``G`` groups of ``count`` rows each: the groups' means and population variances
+    (``G × C``, in the computation dtype), pooled exactly in float64 by :func:`pool_partials`."""
+
+    count: int
+    means: torch.Tensor
+    variances: torch.Tensor
+
+
+def pool_partials(batches: Sequence[Sequence[Partials]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each batch's mean and ``M2`` per channel (float64, ``B × C``) from its :class:`Partials`, pooled exactly:
+    ``M2 = Σ count·var + Σ count·(mean_g − mean)²`` (Chan et al.). Batches laid out alike take one set of ops."""
+    layouts: dict[tuple[tuple[int, int], ...], list[int]] = {}
+    for i, parts in enumerate(batches):
+        layouts.setdefault(tuple((p.count, p.means.shape[0]) for p in parts), []).append(i)
+    first = batches[0][0].means
+    c, dev = first.shape[1], first.device
+    mean = torch.empty(len(batches), c, dtype=torch.float64, device=dev)
+    m2 = torch.empty_like(mean)
+    for layout, idx in layouts.items():
+        groups = [b if len(b) == 1 else (Partials(0, torch.cat([p.means for p in b]),
+                                                  torch.cat([p.variances for p in b])),)
+                  for b in (batches[i] for i in idx)]
+        means = torch.stack([g[0].means for g in groups]).to(torch.float64)
+        var = torch.stack([g[0].variances for g in groups]).to(torch.float64)
+        w = torch.tensor([k for k, g in layout for _ in range(g)], dtype=torch.float64, device=dev)
+        mu = (w @ means) / w.sum()
+        at = torch.tensor(idx, device=dev) if len(layouts) > 1 else slice(None)
+        mean[at] = mu
+        m2[at] = w @ var + w @ (means - mu[:, None]).square_()
+    return mean, m2
+
+
+def fused_partials(x: torch.Tensor) -> tuple[Partials, ...] | None:
+    """The :class:`Partials` of an activation batch without a centred copy, or ``None`` when it cannot (a layout
+    other than ``M × C`` rows or contiguous ``N×C×H×W``) or a channel is not well conditioned
+    (:data:`WELL_CONDITIONED`, judged in float32 on the partials; a constant non-zero channel never is): the caller
+    then centres it. Pooling them into float64 is left to the caller (:func:`pool_partials`, once for many batches).
 
     ``M × C`` rows are read as ``FUSED_ROWS × kC`` partials (every ``k``-th row in one column) whose float32 means
-    and two-pass variances are combined in float64 with Chan et al.'s update: two reads of the activation, nothing
-    written, against three reads and two writes when centring.
+    and two-pass variances are exact: two reads of the activation, nothing written, against three reads and two
+    writes when centring.
     """
     cd, _ = channel_layout(x)
     c = x.shape[cd]
-    n = x.numel() // max(c, 1)
     moved = x.movedim(cd, -1)
     if moved.is_contiguous():
         rows = moved.reshape(-1, c)
@@ -261,34 +298,59 @@ def fused_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         k = max(m // FUSED_ROWS, 1)
         r = m // k
         mean, var = _column_moments(rows[:k * r].view(r, k * c))
-        pm = mean.view(k, c).to(torch.float64)
-        mu = pm.mean(0)
-        m2 = (var.view(k, c).to(torch.float64).sum(0) + (pm - mu).square_().sum(0)) * r
-        if m > k * r:  # the last m − k·r (< k) rows: Chan's update of two groups
+        parts: tuple[Partials, ...] = (Partials(r, mean.view(k, c), var.view(k, c)),)
+        if m > k * r:  # the last m − k·r (< k) rows
             mt, vt = _column_moments(rows[k * r:])
-            n1, n2 = k * r, m - k * r
-            delta = mt.to(torch.float64) - mu
-            mu = mu + delta * (n2 / m)
-            m2 = m2 + vt.to(torch.float64) * n2 + delta * delta * (n1 * n2 / m)
-    elif x.dim() == 4 and x.is_contiguous() and x.device.type == "cpu":  # N×C×H×W: per channel, float64 sums
+            parts += (Partials(m - k * r, mt[None], vt[None]),)
+    elif x.dim() == 4 and x.is_contiguous() and x.device.type == "cpu":  # N×C×H×W: one partial per channel
         mean, var = torch.batch_norm_update_stats(x, None, None, 1.0)
-        mu, m2 = mean.to(torch.float64), var.to(torch.float64) * n
+        parts = (Partials(x.numel() // max(c, 1), mean[None], var[None]),)
     else:
         return None
-    if bool((mu * mu * n > WELL_CONDITIONED ** 2 * m2).any()):
+    if len(parts) == 1:  # in float32 from the partials: |μ| > w·σ  ⟺  (1 + w²)·μ² > w²·E[var + mean²]
+        w2 = WELL_CONDITIONED ** 2
+        mu = parts[0].means.mean(0)
+        second = torch.addcmul(parts[0].variances, parts[0].means, parts[0].means).mean(0)
+        bad = bool(torch.addcmul(second * -w2, mu, mu, value=1 + w2).gt(0).any())
+    else:
+        mu64, m2 = pool_partials([parts])
+        bad = bool((mu64 * mu64 * m > WELL_CONDITIONED ** 2 * m2).any())
+    return None if bad else parts
+
+
+def fused_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(mean, M2)`` per channel (float64) of an activation batch from :func:`fused_partials`, or ``None``."""
+    parts = fused_partials(x)
+    if parts is None:
         return None
-    return mu, m2
+    mean, m2 = pool_partials([parts])
+    return mean[0], m2[0]
 
 
 @dataclass(frozen=True)
 class BatchMoments:
-    """One batch reduced (:meth:`Moments.reduce`): count, mean and ``M2`` per channel (float64), and whether it took
-    the uncentred :func:`fused_moments` path."""
+    """One batch reduced (:meth:`Moments.reduce`): its count, its :class:`Partials` and whether they came from the
+    uncentred :func:`fused_partials` path; :attr:`mean` and :attr:`m2` pool them (float64) when first read."""
 
     n: int
-    mean: torch.Tensor
-    m2: torch.Tensor
+    parts: tuple[Partials, ...]
     fused: bool
+
+    @cached_property
+    def pooled(self) -> tuple[torch.Tensor, torch.Tensor]:
+        (p, *rest) = self.parts
+        if not rest and p.means.shape[0] == 1 and p.means.dtype == torch.float64:
+            return p.means[0], p.variances[0] * p.count
+        mean, m2 = pool_partials([self.parts])
+        return mean[0], m2[0]
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.pooled[0]
+
+    @property
+    def m2(self) -> torch.Tensor:
+        return self.pooled[1]
 
 
 @dataclass
@@ -303,7 +365,7 @@ class Moments:
     m2: torch.Tensor = field(init=False)
     comoment: torch.Tensor | None = field(init=False)
     shift: torch.Tensor | None = field(init=False, default=None, repr=False)
-    fused: bool | None = field(init=False, default=None, repr=False)  # fused_moments path (None: undecided)
+    fused: bool | None = field(init=False, default=None, repr=False)  # fused_partials path (None: undecided)
 
     def __post_init__(self) -> None:
         dt, dev = torch.float64, self.device
@@ -356,10 +418,9 @@ class Moments:
     def reduce(self, x: torch.Tensor, dtype: torch.dtype | None = None, scratch: Scratch | None = None) -> BatchMoments:
         """One activation batch's count, mean and ``M2`` per channel (float64), by this site's path; not combined.
 
-        A site whose channels look well conditioned at its first batch of :data:`FUSED_MIN_ROWS` rows or more
-        (:func:`well_conditioned`) is reduced without a centred copy (:func:`fused_moments`), each batch checked
-        exactly; otherwise, and from its first failing batch on, batches are centred on a fixed shift (the mean of
-        the first centred batch's first inputs). Smaller batches are always centred.
+        Batches of :data:`FUSED_MIN_ROWS` rows or more are reduced without a centred copy (:func:`fused_partials`,
+        each batch checked); from a site's first batch that is not well conditioned on, its batches are centred on a
+        fixed shift (the mean of the first centred batch's first inputs). Smaller batches are always centred.
         """
         dt = dtype or compute_dtype(x.dtype)
         cd, dims = channel_layout(x)
@@ -367,16 +428,15 @@ class Moments:
             raise ValueError(f"Moments of {self.dim} channels got an activation with {x.shape[cd]} channels")
         n = x.numel() // max(x.shape[cd], 1)
         if n == 0:
-            return BatchMoments(0, self.mu.clone(), torch.zeros_like(self.m2), False)
+            return BatchMoments(0, (), False)
         xf = x if x.is_floating_point() else x.to(dt)  # half types are centred straight into the dt buffer
         if n >= FUSED_MIN_ROWS:
             xd = xf if xf.dtype == dt else xf.to(dt)
-            if self.fused is None:
-                self.fused = well_conditioned(xd)
-            if self.fused:
-                fused = fused_moments(xd)
-                if fused is not None:
-                    return BatchMoments(n, *fused, True)
+            if self.fused is not False:
+                parts = fused_partials(xd)
+                if parts is not None:
+                    self.fused = True
+                    return BatchMoments(n, parts, True)
                 self.fused = False  # this batch (and every later one) is centred
         if self.shift is None:
             self.shift = initial_shift(xf, dt).to(torch.float64)
@@ -395,7 +455,8 @@ class Moments:
             total = c.sum(dims).to(torch.float64)
             sq = c.square_().sum(dims).to(torch.float64)
         mean = self.shift.to(total) + total / n
-        return BatchMoments(n, mean, (sq - total * total / n).clamp_min(0), False)
+        var = (sq - total * total / n).clamp_min(0) / n
+        return BatchMoments(n, (Partials(n, mean[None], var[None]),), False)
 
     def update(self, feats: torch.Tensor) -> None:
         """Add a ``C × M`` matrix of ``M`` observations (see :func:`channel_matrix`), computed in its dtype."""

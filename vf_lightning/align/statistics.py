@@ -24,6 +24,7 @@ from vf_lightning.stats import (
     Scratch,
     centre,
     chan_all_reduce,
+    chan_pool,
     channel_layout,
     channel_matrix,
     channel_rows,
@@ -32,6 +33,7 @@ from vf_lightning.stats import (
     is_distributed,
     iter_inputs,
     model_device,
+    pool_partials,
 )
 
 SiteKey = tuple[str, int, str]  # (module, call index, port)
@@ -154,49 +156,68 @@ def record_sites(model: nn.Module, sites: Sequence[SiteKey],
 
 @dataclass(frozen=True)
 class _PairBatch:
-    """One site's batch of A and B, reduced: count, means and ``M2`` of ``[A; B]``, and the co-moment."""
+    """One site's batch of A and B: each side's :class:`BatchMoments` and the co-moment block(s) as multiplied —
+    about each side's batch mean, except a block whose sides both took the fused path: uncentred (``Σ a bᵀ``)."""
 
-    n: int
-    mean: torch.Tensor  # 2C, float64
-    m2: torch.Tensor  # 2C
+    a: BatchMoments
+    b: BatchMoments
     com: torch.Tensor  # 2C × 2C (full), or the C × C cross block
 
 
-class _SiteTotal:
-    """One site's batches, combined exactly once at the end of the pass (Chan et al. over all of them at once)
-    instead of batch by batch: per batch only the co-moment is added up (one op) and the count, means and ``M2``
-    kept, so the float64 update costs a few ops per site and pass, not per batch."""
+SITE_PENDING = 1 << 18
+"""Partial means per side a site keeps before pooling its batches (:class:`_SiteTotal`): ≈ 32 batches of a
+16-channel 32×32 map at batch 128, every batch for ImageNet-sized maps; ~2 MB per site and side."""
+SITE_BATCHES = 64  # ... and at most this many batches
 
-    def __init__(self) -> None:
-        self.ns: list[int] = []
-        self.means: list[torch.Tensor] = []
-        self.m2s: list[torch.Tensor] = []
+
+class _SiteTotal:
+    """One site's batches, pooled exactly into its groups' statistics every :data:`SITE_PENDING` partials and at
+    the end of the pass, instead of batch by batch: per batch only the co-moment is added up (one op) and the
+    batches' :class:`Partials` kept, so the float64 work costs a few ops per site and flush, not per batch.
+
+    With per-batch means ``ā``, ``b̄`` and counts ``n``: the uncentred blocks lose ``Σ n ā b̄ᵀ``, then Chan et al. over
+    the batches adds ``Σ n (ā − μ_a)(b̄ − μ_b)ᵀ`` about the pooled means (:func:`vf_lightning.stats.chan_pool`).
+    """
+
+    def __init__(self, targets: Sequence[CrossMoments | Moments], full: bool) -> None:
+        self.targets, self.full = targets, full
+        self.batches: list[tuple[BatchMoments, BatchMoments]] = []  # kept until the next flush
+        self.pending = 0
         self.com: torch.Tensor | None = None
 
     def add(self, b: _PairBatch) -> None:
-        if b.n == 0:
+        if b.a.n == 0:
             return
-        self.ns.append(b.n)
-        self.means.append(b.mean)
-        self.m2s.append(b.m2)
+        self.batches.append((b.a, b.b))
         self.com = b.com.clone() if self.com is None else self.com.add_(b.com)
+        self.pending += sum(p.means.numel() for p in b.a.parts)
+        if self.pending >= SITE_PENDING or len(self.batches) >= SITE_BATCHES:
+            self.flush()
 
-    def add_to(self, st: CrossMoments | Moments) -> None:
-        """Combine every batch into ``st``: ``Σ M2ᵢ + Σ nᵢ dᵢ²`` and ``Σ comᵢ + Σ nᵢ dᵢ d_jᵀ`` about the pooled mean."""
+    def flush(self) -> None:
+        """Pool the kept batches into every target (float64, exact) and start afresh."""
         if self.com is None:
             return
-        means = torch.stack(self.means)
-        n = torch.tensor(self.ns, dtype=means.dtype, device=means.device)
-        total = sum(self.ns)
-        mean = (n @ means) / total
-        d = means - mean
-        nd = d * n[:, None]
-        m2 = torch.stack(self.m2s).sum(0) + (nd * d).sum(0)
-        if isinstance(st, Moments):  # full mode: the 2C × 2C co-moment
-            st.combine(total, mean, m2, self.com + nd.t() @ d)
-        else:  # cross mode: the C × C A×B block
-            c = mean.shape[0] // 2
-            st.combine(total, mean[:c], m2[:c], mean[c:], m2[c:], self.com + nd[:, :c].t() @ d[:, c:])
+        batches, com = self.batches, self.com
+        self.batches, self.com, self.pending = [], None, 0
+        mean_a, m2_a = pool_partials([a.parts for a, _ in batches])
+        mean_b, m2_b = pool_partials([b.parts for _, b in batches])
+        n = torch.tensor([a.n for a, _ in batches], dtype=torch.float64, device=mean_a.device)
+        fused = torch.tensor([[a.fused, b.fused] for a, b in batches], device=mean_a.device)
+        raw_a, raw_b = mean_a * fused[:, :1], mean_b * fused[:, 1:]  # zero where that side was centred
+        if self.full:  # the 2C × 2C co-moment of [A; B]
+            raw = torch.cat([raw_a, raw_b], 1)
+            total, (mean,), (m2, co) = chan_pool(n, [torch.cat([mean_a, mean_b], 1)], [
+                (torch.cat([m2_a, m2_b], 1).sum(0), 0, None), (com - (n[:, None] * raw).t() @ raw, 0, 0)])
+            for st in self.targets:
+                assert isinstance(st, Moments)
+                st.combine(int(total), mean, m2, co)
+            return
+        total, (ma, mb), (m2a, m2b, co) = chan_pool(n, [mean_a, mean_b], [
+            (m2_a.sum(0), 0, None), (m2_b.sum(0), 1, None), (com - (n[:, None] * raw_a).t() @ raw_b, 0, 1)])
+        for st in self.targets:
+            assert isinstance(st, CrossMoments)
+            st.combine(int(total), ma, m2a, mb, m2b, co)
 
 
 def _version(t: torch.Tensor) -> int | None:
@@ -270,16 +291,16 @@ class _PairRecorder:
             com[:c, :c], com[:c, c:], com[c:, :c] = held.own, cross, cross.t()
             com[c:, c:] = self._comoment(k, (1, mom, rows), None, dt)
             cross = com
-        self.done[k] = _PairBatch(mom.n, torch.cat([held.moments.mean, mom.mean]),
-                                  torch.cat([held.moments.m2, mom.m2]), cross)
+        self.done[k] = _PairBatch(held.moments, mom, cross)
 
     def _comoment(self, k: SiteKey, x: tuple[int, BatchMoments, torch.Tensor],
                   y: tuple[int, BatchMoments, torch.Tensor] | None, dt: torch.dtype) -> torch.Tensor:
         """``Σ (x − x̄)(y − ȳ)ᵀ`` of one batch of ``(side, moments, rows)`` pairs (``y=None``: ``x`` with itself),
-        float64: uncentred when both are well conditioned, else centred on each side's shift."""
+        float64, centred on each side's shift — or ``Σ x yᵀ`` when both took the fused path (well conditioned): the
+        ``n x̄ ȳᵀ`` is taken off when the site's batches are pooled (:class:`_SiteTotal`)."""
         (sx, mx, rx), (sy, my, ry) = x, y or x
         if mx.fused and my.fused:
-            return gram(rx, ry) - mx.n * torch.outer(mx.mean, my.mean)
+            return gram(rx, ry)
         shift_x, shift_y = self.paths[(sx, k)].shift, self.paths[(sy, k)].shift
         cx = centre(rx, mx.mean if shift_x is None else shift_x, dt, self.scratch)
         if y is None:
@@ -355,7 +376,7 @@ def activation_statistics(
         g.name: Moments(2 * g.size, outer=True, device=device) if full else CrossMoments(g.size, g.size, device)
         for g in spec.groups
     }
-    totals = {k: _SiteTotal() for k in site_groups}
+    totals = {k: _SiteTotal([stats[name] for name in names], full) for k, names in site_groups.items()}
     modes = (model_a.training, model_b.training)
     model_a.eval()
     model_b.eval()
@@ -378,9 +399,8 @@ def activation_statistics(
     finally:
         model_a.train(modes[0])
         model_b.train(modes[1])
-    for k, names in site_groups.items():
-        for name in names:
-            totals[k].add_to(stats[name])
+    for total in totals.values():
+        total.flush()
     for st in stats.values():
         st.all_reduce()
     return stats

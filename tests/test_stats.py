@@ -238,7 +238,7 @@ def test_activation_statistics_pool_batches_that_switch_to_the_centred_path(monk
     |mean| ≫ std) are pooled exactly (at the end of the pass, or every two batches): equal to a float64 reference
     of all features, for the cross block and for the full ``2C × 2C`` moments."""
     monkeypatch.setattr(stats, "FUSED_MIN_ROWS", 1)
-    monkeypatch.setattr(statistics, "SITE_BATCHES", flush_every)
+    monkeypatch.setattr(statistics, "POOL_BATCHES", flush_every)
     calls: list[bool] = []
     real = stats.fused_partials
 

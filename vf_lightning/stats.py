@@ -327,6 +327,12 @@ def fused_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     return mean[0], m2[0]
 
 
+POOL_PENDING = 1 << 18
+"""Partial means a site keeps before pooling its batches (:class:`Moments`, the activation-matching pass): about
+32 batches of a 16-channel 32×32 map at batch 128, every batch of ImageNet-sized maps; ≤ 2 MB per site."""
+POOL_BATCHES = 64  # ... and at most this many batches
+
+
 @dataclass(frozen=True)
 class BatchMoments:
     """One batch reduced (:meth:`Moments.reduce`): its count, its :class:`Partials` and whether they came from the
@@ -360,19 +366,62 @@ class Moments:
     dim: int
     outer: bool = False
     device: torch.device | str = "cpu"
-    count: torch.Tensor = field(init=False)
-    mu: torch.Tensor = field(init=False)
-    m2: torch.Tensor = field(init=False)
     comoment: torch.Tensor | None = field(init=False)
     shift: torch.Tensor | None = field(init=False, default=None, repr=False)
     fused: bool | None = field(init=False, default=None, repr=False)  # fused_partials path (None: undecided)
+    _count: torch.Tensor = field(init=False, repr=False)
+    _mu: torch.Tensor = field(init=False, repr=False)
+    _m2: torch.Tensor = field(init=False, repr=False)
+    _pending: list[BatchMoments] = field(init=False, default_factory=list, repr=False)  # added, not yet pooled
+    _pending_size: int = field(init=False, default=0, repr=False)
 
     def __post_init__(self) -> None:
         dt, dev = torch.float64, self.device
-        self.count = torch.zeros((), dtype=dt, device=dev)
-        self.mu = torch.zeros(self.dim, dtype=dt, device=dev)
-        self.m2 = torch.zeros(self.dim, dtype=dt, device=dev)
+        self._count = torch.zeros((), dtype=dt, device=dev)
+        self._mu = torch.zeros(self.dim, dtype=dt, device=dev)
+        self._m2 = torch.zeros(self.dim, dtype=dt, device=dev)
         self.comoment = torch.zeros(self.dim, self.dim, dtype=dt, device=dev) if self.outer else None
+
+    # count, mean and M2 include every added batch: reading (or replacing) them pools the pending ones first
+    @property
+    def count(self) -> torch.Tensor:
+        self._flush()
+        return self._count
+
+    @count.setter
+    def count(self, value: torch.Tensor) -> None:
+        self._flush()
+        self._count = value
+
+    @property
+    def mu(self) -> torch.Tensor:
+        self._flush()
+        return self._mu
+
+    @mu.setter
+    def mu(self, value: torch.Tensor) -> None:
+        self._flush()
+        self._mu = value
+
+    @property
+    def m2(self) -> torch.Tensor:
+        self._flush()
+        return self._m2
+
+    @m2.setter
+    def m2(self, value: torch.Tensor) -> None:
+        self._flush()
+        self._m2 = value
+
+    def _flush(self) -> None:
+        """Pool the pending batches (float64, exact) into the running totals."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_size = self._pending, [], 0
+        means, m2s = pool_partials([b.parts for b in pending])
+        n = torch.tensor([b.n for b in pending], dtype=torch.float64, device=means.device)
+        total, (mean,), (m2,) = chan_pool(n, [means], [(m2s.sum(0), 0, None)])
+        self.combine(int(total), mean, m2)
 
     def combine(self, n: int, mean: torch.Tensor, m2: torch.Tensor, comoment: torch.Tensor | None = None) -> None:
         """Chan et al.'s parallel update with a batch of ``n`` observations (its mean, ``M2``, co-moment)."""
@@ -383,12 +432,13 @@ class Moments:
         new = self.count + n
         delta = mean.to(self.mu) - self.mu
         w = self.count * n / new
-        self.mu += delta * (n / new)
-        self.m2 += m2.to(self.m2) + delta * delta * w
+        # out of place: a batch reduced under inference mode may be pooled outside it (pending batches)
+        self.mu = self.mu + delta * (n / new)
+        self.m2 = self.m2 + m2.to(self.m2) + delta * delta * w
         if self.comoment is not None:
             if comoment is None:
                 raise ValueError("Moments with outer=True needs the batch co-moment")
-            self.comoment += comoment.to(self.comoment) + torch.outer(delta, delta) * w
+            self.comoment = self.comoment + comoment.to(self.comoment) + torch.outer(delta, delta) * w
         self.count = new
 
     def add_centred(self, batch: CentredBatch) -> None:
@@ -412,8 +462,11 @@ class Moments:
             self.add_centred(b)
             return
         r = self.reduce(x, dtype, scratch)
-        if r.n:
-            self.combine(r.n, r.mean, r.m2)
+        if r.n:  # kept as it is; pooled with the other pending batches when needed (POOL_PENDING, POOL_BATCHES)
+            self._pending.append(r)
+            self._pending_size += sum(p.means.numel() for p in r.parts)
+            if self._pending_size >= POOL_PENDING or len(self._pending) >= POOL_BATCHES:
+                self._flush()
 
     def reduce(self, x: torch.Tensor, dtype: torch.dtype | None = None, scratch: Scratch | None = None) -> BatchMoments:
         """One activation batch's count, mean and ``M2`` per channel (float64), by this site's path; not combined.
@@ -428,7 +481,8 @@ class Moments:
             raise ValueError(f"Moments of {self.dim} channels got an activation with {x.shape[cd]} channels")
         n = x.numel() // max(x.shape[cd], 1)
         if n == 0:
-            return BatchMoments(0, (), False)
+            zero = torch.zeros(1, self.dim, dtype=torch.float64, device=x.device)
+            return BatchMoments(0, (Partials(0, zero, zero),), False)
         xf = x if x.is_floating_point() else x.to(dt)  # half types are centred straight into the dt buffer
         if n >= FUSED_MIN_ROWS:
             xd = xf if xf.dtype == dt else xf.to(dt)

@@ -18,6 +18,8 @@ from torch import nn
 
 from vf_lightning.align.spec import PermutationSpec, Site
 from vf_lightning.stats import (
+    POOL_BATCHES,
+    POOL_PENDING,
     BatchMoments,
     CentredBatch,
     Moments,
@@ -164,14 +166,9 @@ class _PairBatch:
     com: torch.Tensor  # 2C × 2C (full), or the C × C cross block
 
 
-SITE_PENDING = 1 << 18
-"""Partial means per side a site keeps before pooling its batches (:class:`_SiteTotal`): ≈ 32 batches of a
-16-channel 32×32 map at batch 128, every batch for ImageNet-sized maps; ~2 MB per site and side."""
-SITE_BATCHES = 64  # ... and at most this many batches
-
-
 class _SiteTotal:
-    """One site's batches, pooled exactly into its groups' statistics every :data:`SITE_PENDING` partials and at
+    """One site's batches, pooled exactly into its groups' statistics every
+    :data:`~vf_lightning.stats.POOL_PENDING` partials (or :data:`~vf_lightning.stats.POOL_BATCHES` batches) and at
     the end of the pass, instead of batch by batch: per batch only the co-moment is added up (one op) and the
     batches' :class:`Partials` kept, so the float64 work costs a few ops per site and flush, not per batch.
 
@@ -191,7 +188,7 @@ class _SiteTotal:
         self.batches.append((b.a, b.b))
         self.com = b.com.clone() if self.com is None else self.com.add_(b.com)
         self.pending += sum(p.means.numel() for p in b.a.parts)
-        if self.pending >= SITE_PENDING or len(self.batches) >= SITE_BATCHES:
+        if self.pending >= POOL_PENDING or len(self.batches) >= POOL_BATCHES:
             self.flush()
 
     def flush(self) -> None:

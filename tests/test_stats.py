@@ -45,13 +45,21 @@ def _batches(x: torch.Tensor) -> list[torch.Tensor]:
     return list(x.split(list(SIZES)))
 
 
-def test_large_mean_float32_batches_match_the_two_pass_reference() -> None:
+@pytest.mark.parametrize("pool_every", [64, 2, 1])
+def test_large_mean_float32_batches_match_the_two_pass_reference(pool_every: int,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches added to Moments are pooled when read or every ``POOL_BATCHES``: the same exact result."""
+    monkeypatch.setattr(stats, "POOL_BATCHES", pool_every)
     x = _shifted(sum(SIZES))
     m_ref, v_ref, r_ref = _reference(x)
     mom, full = Moments(x.shape[1]), Moments(x.shape[1], outer=True)
-    for b in _batches(x):
+    for i, b in enumerate(_batches(x)):
         mom.add(b)
         full.add(b)
+        if pool_every == 1:
+            assert not mom._pending
+        elif i == 0:
+            assert int(mom.count) == b.shape[0]  # reading pools what was added
     for st in (mom, full):
         assert int(st.count) == x.shape[0]
         assert torch.allclose(st.mean, m_ref, rtol=1e-12, atol=1e-6)

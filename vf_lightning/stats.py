@@ -359,6 +359,24 @@ class BatchMoments:
         return self.pooled[1]
 
 
+class _Pooled:
+    """A running total of :class:`Moments` (count, mean, ``M2``) that includes every added batch: reading or
+    replacing it first pools the batches still pending (kept in ``_<name>``)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj: Moments | None, objtype: type | None = None) -> torch.Tensor:
+        if obj is None:
+            raise AttributeError(f"{self.slot[1:]} is a per-instance running total")
+        obj._flush()
+        return getattr(obj, self.slot)  # type: ignore[no-any-return]
+
+    def __set__(self, obj: Moments, value: torch.Tensor) -> None:
+        obj._flush()
+        setattr(obj, self.slot, value)
+
+
 @dataclass
 class Moments:
     """Running count, mean, ``M2`` (and optionally the co-moment matrix) of ``C`` channels, in float64."""
@@ -382,36 +400,9 @@ class Moments:
         self._m2 = torch.zeros(self.dim, dtype=dt, device=dev)
         self.comoment = torch.zeros(self.dim, self.dim, dtype=dt, device=dev) if self.outer else None
 
-    # count, mean and M2 include every added batch: reading (or replacing) them pools the pending ones first
-    @property
-    def count(self) -> torch.Tensor:
-        self._flush()
-        return self._count
-
-    @count.setter
-    def count(self, value: torch.Tensor) -> None:
-        self._flush()
-        self._count = value
-
-    @property
-    def mu(self) -> torch.Tensor:
-        self._flush()
-        return self._mu
-
-    @mu.setter
-    def mu(self, value: torch.Tensor) -> None:
-        self._flush()
-        self._mu = value
-
-    @property
-    def m2(self) -> torch.Tensor:
-        self._flush()
-        return self._m2
-
-    @m2.setter
-    def m2(self, value: torch.Tensor) -> None:
-        self._flush()
-        self._m2 = value
+    count = _Pooled()  # observations so far
+    mu = _Pooled()  # mean per channel
+    m2 = _Pooled()  # Σ (x − mean)² per channel
 
     def _flush(self) -> None:
         """Pool the pending batches (float64, exact) into the running totals."""

@@ -265,12 +265,12 @@ def pool_partials(batches: Sequence[Sequence[Partials]]) -> tuple[torch.Tensor, 
     c, dev = first.shape[1], first.device
     mean = torch.empty(len(batches), c, dtype=torch.float64, device=dev)
     m2 = torch.empty_like(mean)
+    def rows(ts: list[torch.Tensor]) -> torch.Tensor:  # a batch's partials as one G × C matrix
+        return ts[0] if len(ts) == 1 else torch.cat(ts)
+
     for layout, idx in layouts.items():
-        groups = [b if len(b) == 1 else (Partials(0, torch.cat([p.means for p in b]),
-                                                  torch.cat([p.variances for p in b])),)
-                  for b in (batches[i] for i in idx)]
-        means = torch.stack([g[0].means for g in groups]).to(torch.float64)
-        var = torch.stack([g[0].variances for g in groups]).to(torch.float64)
+        means = torch.stack([rows([p.means for p in batches[i]]) for i in idx]).to(torch.float64)
+        var = torch.stack([rows([p.variances for p in batches[i]]) for i in idx]).to(torch.float64)
         w = torch.tensor([k for k, g in layout for _ in range(g)], dtype=torch.float64, device=dev)
         mu = (w @ means) / w.sum()
         at = torch.tensor(idx, device=dev) if len(layouts) > 1 else slice(None)
@@ -314,7 +314,7 @@ def fused_partials(x: torch.Tensor) -> tuple[Partials, ...] | None:
         bad = bool(torch.addcmul(second * -w2, mu, mu, value=1 + w2).gt(0).any())
     else:
         mu64, m2 = pool_partials([parts])
-        bad = bool((mu64 * mu64 * m > WELL_CONDITIONED ** 2 * m2).any())
+        bad = bool((mu64 * mu64 * (x.numel() // c) > WELL_CONDITIONED ** 2 * m2).any())
     return None if bad else parts
 
 

@@ -5,7 +5,9 @@
    the time ratio ``wm_over_baseline`` and whether both reach the same objective.
 2. Activation-statistics pass over N samples ÷ plain no-grad forward passes of both models over the same N, for
    VGG16-BN and ResNet-20: ``stats_over_forward`` for activation matching (the A×B cross block),
-   ``zip_cca_stats_over_forward`` for the full ``2C × 2C`` moments ZipIt and CCA read.
+   ``zip_cca_stats_over_forward`` for the full ``2C × 2C`` moments ZipIt and CCA read (best pass ÷ best forwards
+   of the interleaved repeats; each row also gives the median of each pass's ratio to the forwards timed just
+   before it, steadier on a noisy machine when comparing two versions).
 
 Run: ``python benchmarks/matching.py [--samples 512] [--batch 128] [--json F]``.
 """
@@ -109,7 +111,7 @@ def bench_statistics(cfg: ModelConfig, samples: int, batch: int, full: bool, pre
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    fwd = stats = float("inf")
+    fwds, passes = [], []
     for _ in range(repeats):  # interleaved best-of-repeats: robust to a shared, noisy machine
         sync()
         t0 = time.perf_counter()
@@ -117,16 +119,20 @@ def bench_statistics(cfg: ModelConfig, samples: int, batch: int, full: bool, pre
             a(x)
             b(x)
         sync()
-        fwd = min(fwd, time.perf_counter() - t0)
+        fwds.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         activation_statistics(a, b, spec, loader, full=full, precision=precision)
         sync()
-        stats = min(stats, time.perf_counter() - t0)
+        passes.append(time.perf_counter() - t0)
+    fwd, stats = min(fwds), min(passes)
+    paired = sorted(s / f for s, f in zip(passes, fwds))
+    paired_median = paired[len(paired) // 2]  # each pass against the forwards timed just before it
     kind = ("2C×2C" if full else "cross") + f", {precision or 'native'}" + (", channels_last" if channels_last else "")
     n = len(loader) * batch
     print(f"stats {cfg.arch:8s} ({kind}) N={n}: pass={stats:.2f}s forwards={fwd:.2f}s ratio={stats / fwd:.2f} "
-          f"({n / stats:.0f} images/s)")
-    return {"arch": cfg.arch, "kind": kind, "seconds": stats, "forward_seconds": fwd, "ratio": stats / fwd}
+          f"(median of paired ratios {paired_median:.2f}; {n / stats:.0f} images/s)")
+    return {"arch": cfg.arch, "kind": kind, "seconds": stats, "forward_seconds": fwd, "ratio": stats / fwd,
+            "paired_median_ratio": paired_median}
 
 
 def main() -> None:

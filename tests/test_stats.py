@@ -15,7 +15,15 @@ from vf_lightning import stats
 from vf_lightning.align import activation_statistics, build_permutation_spec, statistics
 from vf_lightning.align.statistics import CrossMoments
 from vf_lightning.models import ModelConfig, build_model
-from vf_lightning.stats import FUSED_MIN_ROWS, WELL_CONDITIONED, Moments, centre, fused_moments, stream_moments
+from vf_lightning.stats import (
+    FUSED_MIN_ROWS,
+    WELL_CONDITIONED,
+    Moments,
+    centre,
+    fused_partials,
+    pool_partials,
+    stream_moments,
+)
 
 
 def _shifted(n: int, c: int = 6, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -26,6 +34,15 @@ def _shifted(n: int, c: int = 6, seed: int = 0, dtype: torch.dtype = torch.float
     z = (z - z.mean(0)) / z.std(0) * torch.linspace(1, 3, c, dtype=torch.float64)
     mean = 1e4 * torch.linspace(1, 3, c, dtype=torch.float64) * torch.tensor([1.0, -1.0]).repeat(c // 2)
     return (z + mean).to(dtype)
+
+
+def fused_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Float64 mean and ``M2`` of a batch by the fused path (its partials pooled), or ``None`` where it refuses."""
+    parts = fused_partials(x)
+    if parts is None:
+        return None
+    mean, m2 = pool_partials([parts])
+    return mean[0], m2[0]
 
 
 def _reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -246,7 +263,7 @@ def test_activation_statistics_pool_batches_that_switch_to_the_centred_path(monk
     |mean| ≫ std) are pooled exactly (at the end of the pass, or every two batches): equal to a float64 reference
     of all features, for the cross block and for the full ``2C × 2C`` moments."""
     monkeypatch.setattr(stats, "FUSED_MIN_ROWS", 1)
-    monkeypatch.setattr(statistics, "POOL_BATCHES", flush_every)
+    monkeypatch.setattr(stats, "POOL_BATCHES", flush_every)
     calls: list[bool] = []
     real = stats.fused_partials
 

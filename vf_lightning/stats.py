@@ -318,19 +318,16 @@ def fused_partials(x: torch.Tensor) -> tuple[Partials, ...] | None:
     return None if bad else parts
 
 
-def fused_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(mean, M2)`` per channel (float64) of an activation batch from :func:`fused_partials`, or ``None``."""
-    parts = fused_partials(x)
-    if parts is None:
-        return None
-    mean, m2 = pool_partials([parts])
-    return mean[0], m2[0]
-
-
 POOL_PENDING = 1 << 18
-"""Partial means a site keeps before pooling its batches (:class:`Moments`, the activation-matching pass): about
-32 batches of a 16-channel 32×32 map at batch 128, every batch of ImageNet-sized maps; ≤ 2 MB per site."""
+"""Partial means a site keeps before pooling its batches (:class:`Moments`, the activation-matching pass;
+:func:`pool_due`): about 32 batches of a 16-channel 32×32 map at batch 128, every batch of ImageNet-sized maps;
+≤ 2 MB per site."""
 POOL_BATCHES = 64  # ... and at most this many batches
+
+
+def pool_due(batches: int, partials: int) -> bool:
+    """Whether ``batches`` kept batches holding ``partials`` partial means are due to be pooled."""
+    return partials >= POOL_PENDING or batches >= POOL_BATCHES
 
 
 @dataclass(frozen=True)
@@ -341,6 +338,11 @@ class BatchMoments:
     n: int
     parts: tuple[Partials, ...]
     fused: bool
+
+    @property
+    def size(self) -> int:
+        """How many partial means the batch keeps (see :func:`pool_due`)."""
+        return sum(p.means.numel() for p in self.parts)
 
     @cached_property
     def pooled(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -455,8 +457,8 @@ class Moments:
         r = self.reduce(x, dtype, scratch)
         if r.n:  # kept as it is; pooled with the other pending batches when needed (POOL_PENDING, POOL_BATCHES)
             self._pending.append(r)
-            self._pending_size += sum(p.means.numel() for p in r.parts)
-            if self._pending_size >= POOL_PENDING or len(self._pending) >= POOL_BATCHES:
+            self._pending_size += r.size
+            if pool_due(len(self._pending), self._pending_size):
                 self._flush()
 
     def reduce(self, x: torch.Tensor, dtype: torch.dtype | None = None, scratch: Scratch | None = None) -> BatchMoments:

@@ -18,8 +18,6 @@ from torch import nn
 
 from vf_lightning.align.spec import PermutationSpec, Site
 from vf_lightning.stats import (
-    POOL_BATCHES,
-    POOL_PENDING,
     BatchMoments,
     CentredBatch,
     Moments,
@@ -35,6 +33,7 @@ from vf_lightning.stats import (
     is_distributed,
     iter_inputs,
     model_device,
+    pool_due,
     pool_partials,
 )
 
@@ -187,8 +186,8 @@ class _SiteTotal:
             return
         self.batches.append((b.a, b.b))
         self.com = b.com.clone() if self.com is None else self.com.add_(b.com)
-        self.pending += sum(p.means.numel() for p in b.a.parts)
-        if self.pending >= POOL_PENDING or len(self.batches) >= POOL_BATCHES:
+        self.pending += b.a.size
+        if pool_due(len(self.batches), self.pending):
             self.flush()
 
     def flush(self) -> None:

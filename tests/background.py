@@ -34,19 +34,22 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # the jobs run at a lower priority: they fill the cores the in-process tests leave idle (imports and Python-bound
-# steps use one core) rather than slow those tests down
+# steps use one core) rather than slow those tests down; while they run, the tests use one thread fewer
+# (conftest.py: two OpenMP threads sharing two cores with a job made small-kernel tests 3-10x slower)
 NICE = ["nice", "-n", "10"] if shutil.which("nice") else []
 
 
 @dataclass
 class Command:
-    """One process: ``python ARGV`` (the test interpreter) in ``cwd`` (default: the job's directory)."""
+    """One process: ``python ARGV`` (the test interpreter) in ``cwd`` (default: the job's directory), expected to
+    exit with ``returncode`` (``-signal.SIGKILL`` for a process that kills itself at a fault point)."""
 
     name: str
     argv: Sequence[str]
     env: dict[str, str] | None = None
     cwd: Path | None = None
     timeout: float = 400.0
+    returncode: int = 0
 
 
 def python_env(**extra: str) -> dict[str, str]:
@@ -71,12 +74,13 @@ class Job:
         return path.read_text(errors="replace") if path.is_file() else ""
 
     def check(self) -> None:
-        """Fail unless every command of every stage ran and exited 0."""
+        """Fail unless every command of every stage ran and exited with its expected return code."""
         assert self.error is None, f"background job {self.name}: {self.error}"
         for stage in self.stages:
             for cmd in stage:
                 rc = self.returncodes.get(cmd.name, "not run")
-                assert rc == 0, f"{self.name}/{cmd.name} exited {rc}:\n{self.stderr(cmd.name)[-3000:]}"
+                assert rc == cmd.returncode, (f"{self.name}/{cmd.name} exited {rc}, not {cmd.returncode}:\n"
+                                              f"{self.stderr(cmd.name)[-3000:]}")
 
 
 Factory = Callable[[Path], list[list[Command]]]
@@ -152,7 +156,12 @@ class Runner:
                 proc.wait()
                 job.error = f"{cmd.name} did not finish in {cmd.timeout:.0f} s (killed)"
             self._running.remove(proc)
-        return job.error is None and all(job.returncodes[c.name] == 0 for c in stage)
+        return job.error is None and all(job.returncodes[c.name] == c.returncode for c in stage)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a job still runs (or waits to run)."""
+        return not all(j.done.is_set() for j in self.jobs.values())
 
     def wait(self, factory: Factory) -> Job:
         job = self.jobs[factory]

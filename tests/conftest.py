@@ -16,7 +16,8 @@ from background import REPO, Job, Runner
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+CORES = min(2, os.cpu_count() or 1)
+torch.set_num_threads(CORES)
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -125,6 +126,14 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     runner = config.stash.get(_RUNNER, None)
     if runner is not None:
         terminalreporter.write_line("background jobs: " + ", ".join(runner.summary()))
+
+
+@pytest.fixture(autouse=True)
+def _threads(request: pytest.FixtureRequest) -> None:
+    """Each test starts with :data:`CORES` threads, one fewer while background jobs run: a job holds a core, and
+    OpenMP threads waiting on each other across a shared core made small-kernel tests 3-10x slower."""
+    runner = request.config.stash.get(_RUNNER, None)
+    torch.set_num_threads(max(1, CORES - 1) if runner is not None and runner.busy else CORES)
 
 
 @pytest.fixture

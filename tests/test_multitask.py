@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 
 import pytest
 import torch
-from multitask_fixtures import build_setting, mlp_config
+from background import REPO, Command, Job, job, python_env
+from multitask_fixtures import SyntheticSetting, mlp_config
 from torch import nn
 
 from vf_lightning.checkpoint import CheckpointError, load_expert, save_model_checkpoint
@@ -276,10 +279,28 @@ def _tasks(setting) -> list[TaskData]:  # type: ignore[no-untyped-def]
                      batches(t.x_test, t.y_test)) for t in setting.tasks]
 
 
-@pytest.fixture(scope="module")
-def nonlocal_setting():  # type: ignore[no-untyped-def]
-    torch.set_num_threads(1)
-    return build_setting(0, foundation_steps=1000, probe_steps=200, finetune_steps=600, hidden=(96, 96, 96))
+@job(seconds=20)
+def nonlocal_setting_job(tmp: Path) -> list[list[Command]]:
+    """The synthetic non-local setting, trained (float64, one thread) in a process beside the other tests."""
+    code = ("import sys, torch; from multitask_fixtures import build_setting; torch.save(build_setting("
+            "0, foundation_steps=1000, probe_steps=200, finetune_steps=600, hidden=(96, 96, 96)), sys.argv[1])")
+    env = python_env(PYTHONPATH=f"{REPO / 'tests'}{os.pathsep}{REPO}")
+    return [[Command("setting", ["-c", code, str(tmp / "setting.pt")], env=env)]]
+
+
+on_setting = pytest.mark.background(factory=nonlocal_setting_job)  # the mark of the tests that use the setting
+
+
+@functools.cache
+def _load_setting(path: Path) -> SyntheticSetting:
+    return torch.load(path, weights_only=False)  # written by nonlocal_setting_job of this session
+
+
+@pytest.fixture
+def nonlocal_setting(background: Job) -> SyntheticSetting:
+    """The setting of :func:`nonlocal_setting_job` (tests using it carry its background mark); one per session."""
+    background.check()
+    return _load_setting(background.dir / "setting.pt")
 
 
 def _anchor_and_experts(setting, aligned: bool):  # type: ignore[no-untyped-def]
@@ -294,6 +315,7 @@ def _rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float) -> boo
     return bool(((actual - expected).abs() <= rtol * expected.abs().clamp_min(1e-3)).all())
 
 
+@on_setting
 def test_tact_hits_each_experts_statistics_on_its_task_and_is_affine_correct_with_per_task_goals(
     nonlocal_setting,  # type: ignore[no-untyped-def]
 ) -> None:
@@ -320,6 +342,7 @@ def test_tact_hits_each_experts_statistics_on_its_task_and_is_affine_correct_wit
     assert isinstance(model, MultiTaskModel)
 
 
+@on_setting
 def test_reported_variance_ratio_is_the_diagnostics_variance_ratio(nonlocal_setting) -> None:  # type: ignore[no-untyped-def]
     tasks = _tasks(nonlocal_setting)
     anchor, experts = _anchor_and_experts(nonlocal_setting, aligned=True)
@@ -334,6 +357,7 @@ def test_reported_variance_ratio_is_the_diagnostics_variance_ratio(nonlocal_sett
         [sum(v[s] for v in res.variance_ratio) / len(tasks) for s in prep.sites])
 
 
+@on_setting
 def test_merge_experts_reports_rows_experts_and_variance_curves(nonlocal_setting) -> None:  # type: ignore[no-untyped-def]
     tasks = _tasks(nonlocal_setting)
     s = nonlocal_setting
@@ -358,6 +382,7 @@ def test_merge_experts_reports_rows_experts_and_variance_curves(nonlocal_setting
     assert summary[("task_arithmetic", "tact", True)] > summary[("task_arithmetic", "none", True)]
 
 
+@on_setting
 @pytest.mark.parametrize("aligned", [False, True])
 def test_tact_restores_variance_and_beats_uncorrected_and_repair_on_nonlocal_merge(nonlocal_setting,
                                                                                   aligned: bool) -> None:
@@ -385,6 +410,7 @@ def test_tact_restores_variance_and_beats_uncorrected_and_repair_on_nonlocal_mer
     assert tact.mean_normalized > rep.mean_normalized
 
 
+@on_setting
 def test_tact_folded_model_infers_with_a_task_id_in_one_plain_pass(nonlocal_setting) -> None:  # type: ignore[no-untyped-def]
     tasks = _tasks(nonlocal_setting)
     anchor, experts = _anchor_and_experts(nonlocal_setting, aligned=True)

@@ -6,11 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import signal
-import subprocess
-import sys
-import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -20,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from background import python_env
+from background import Command, Job, job, python_env
 from torch import nn
 from vf_lightning.callbacks import MergeCallback, ReportWriter, VarianceCollapseCallback
 from vf_lightning.callbacks import report as report_module
@@ -667,66 +663,54 @@ def test_run_name_and_root_dir_move_every_output_and_explicit_paths_are_kept(tmp
 # 4. a real kill (SIGKILL) in the write phase leaves the old set or the new one, never a mix
 
 
-def _merge_waiting_at(tmp_path: Path, config: Path, point: str) -> tuple[subprocess.Popen[bytes], Path]:
-    """Start `vf merge` in a fresh process that stops at the write-phase point ``point`` (``VF_FAULT_POINT``,
-    :func:`vf_lightning.io.fault_point`) and creates the returned signal file there."""
-    signal_file = tmp_path / f"at-{point}"
-    env = python_env(VF_FAULT_POINT=f"{point}:{signal_file}")
-    proc = subprocess.Popen([sys.executable, "-m", "vf_lightning.cli", "merge", "--config", str(config), *DATA],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
-    return proc, signal_file
+def _files(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
 
 
-def _kill_there(proc: subprocess.Popen[bytes], signal_file: Path, point: str) -> None:
-    """SIGKILL ``proc`` once it has reached its fault point."""
-    deadline = time.monotonic() + 300
-    try:
-        while not signal_file.exists():
-            if proc.poll() is not None:
-                raise AssertionError(f"vf merge ended before {point}: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, f"vf merge did not reach {point}"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stderr.close()  # type: ignore[union-attr]
-    assert proc.returncode == -signal.SIGKILL
+def _siblings(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir() if p.name.startswith("out"))
 
 
-def test_sigkill_in_the_write_phase_leaves_the_old_set_or_the_new_one(
-    ckpts: dict[str, Path], tmp_path: Path, fmnist: Path
-) -> None:
-    out = tmp_path / "out"
-    main(["merge", "--config", str(_merge_config(tmp_path, [ckpts["a"], ckpts["b"]], out, alpha=0.5)), *DATA])
-    (out / "notes.txt").write_text("mine")
-    old = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+@job(seconds=25)
+def write_phase_kills(tmp: Path) -> list[list[Command]]:
+    """`vf merge` writes a set into ``out`` (α = 0.5); the user adds a file; the set is copied to ``old`` (the
+    reference) and ``second/out``; then two fresh processes rerun the merge (α = 0.3) at once and kill themselves
+    (SIGKILL, ``VF_FAULT_POINT``) in the write phase: one on ``out`` with the new set complete in its staging
+    directory, one on ``second/out`` between the two renames."""
+    torch.manual_seed(0)
+    ckpts = [tmp / "a.pt", tmp / "b.pt"]
+    for path in ckpts:
+        save_model_checkpoint(build_model(CFG), CFG, path)
+    (tmp / "second").mkdir()
+
+    def merge(name: str, d: Path, alpha: float, point: str | None = None) -> Command:
+        argv = ["-m", "vf_lightning.cli", "merge", "--config", str(_merge_config(d, ckpts, d / "out", alpha)), *DATA]
+        if point is None:
+            return Command(name, argv)
+        return Command(name, argv, env=python_env(VF_FAULT_POINT=point), returncode=-signal.SIGKILL)
+
+    copies = ("import shutil, sys; from pathlib import Path; t = Path(sys.argv[1]); "
+              "(t / 'out/notes.txt').write_text('mine'); shutil.copytree(t / 'out', t / 'old'); "
+              "shutil.copytree(t / 'out', t / 'second/out')")
+    return [[merge("first", tmp, 0.5)], [Command("copies", ["-c", copies, str(tmp)])],
+            [merge("staged", tmp, 0.3, "staged"), merge("between-renames", tmp / "second", 0.3, "between-renames")]]
+
+
+@pytest.mark.background(factory=write_phase_kills)
+def test_sigkill_in_the_write_phase_leaves_the_old_set_or_the_new_one(background: Job, fmnist: Path) -> None:
+    background.check()  # both reruns died by SIGKILL at their fault point
+    tmp = background.dir
+    old = _files(tmp / "old")
     assert {"report.json", "merged.pt", "config.yaml", "notes.txt"} <= set(old)
-    # two reruns, each killed at one point of the write phase: one on out, one on a copy of it (the two fresh
-    # processes start at once)
-    second = tmp_path / "second"
-    shutil.copytree(out, second / "out")
-    runs = {point: _merge_waiting_at(d, _merge_config(d, [ckpts["a"], ckpts["b"]], d / "out", alpha=0.3), point)
-            for d, point in ((tmp_path, "staged"), (second, "between-renames"))}  # fmt: skip
+    # killed with the new set complete in its staging directory: out_dir is the old set, byte for byte
+    assert _files(tmp / "out") == old
+    (staged,) = [tmp / n for n in _siblings(tmp) if n.startswith("out.tmp-")]
+    assert json.loads((staged / "report.json").read_text())["config"]["trainer"]["callbacks"][0]["init_args"][
+        "alpha"] == 0.3 and (staged / "merged.pt").is_file()  # the kill did land in the write phase  # fmt: skip
 
-    def siblings(d: Path = tmp_path) -> list[str]:
-        return sorted(p.name for p in d.iterdir() if p.name.startswith("out"))
-
-    try:
-        # killed with the new set complete in its staging directory: out_dir is the old set, byte for byte
-        _kill_there(*runs["staged"], "staged")
-        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == old
-        (staged,) = [tmp_path / n for n in siblings() if n.startswith("out.tmp-")]
-        assert json.loads((staged / "report.json").read_text())["config"]["trainer"]["callbacks"][0]["init_args"][
-            "alpha"] == 0.3 and (staged / "merged.pt").is_file()  # the kill did land in the write phase  # fmt: skip
-
-        # killed between the two renames: the old set waits as out.old-<pid>; the next run puts it back first
-        _kill_there(*runs["between-renames"], "between-renames")
-        out = second / "out"
-        assert not out.exists() and any(n.startswith("out.old-") for n in siblings(second))
-    finally:  # neither process outlives the test
-        for proc, _ in runs.values():
-            proc.kill()
-            proc.wait()
+    # killed between the two renames: the old set waits as out.old-<pid>; the next run puts it back first
+    second = tmp / "second"
+    out = second / "out"
+    assert not out.exists() and any(n.startswith("out.old-") for n in _siblings(second))
     clean_stale(out, report_module.owned_by_writer)  # what the next run does before anything else
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == old and siblings(second) == ["out"]
+    assert _files(out) == old and _siblings(second) == ["out"]

@@ -128,11 +128,12 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.write_line("background jobs: " + ", ".join(runner.summary()))
 
 
-@pytest.fixture(autouse=True)
-def _threads(request: pytest.FixtureRequest) -> None:
-    """Each test starts with :data:`CORES` threads, one fewer while background jobs run: a job holds a core, and
-    OpenMP threads waiting on each other across a shared core made small-kernel tests 3-10x slower."""
-    runner = request.config.stash.get(_RUNNER, None)
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Each test (and the fixtures it sets up) starts with :data:`CORES` threads, one fewer while background jobs
+    run: a job holds a core, and OpenMP threads waiting on each other across a shared core made small-kernel tests
+    3-10x slower."""
+    runner = item.config.stash.get(_RUNNER, None)
     torch.set_num_threads(max(1, CORES - 1) if runner is not None and runner.busy else CORES)
 
 

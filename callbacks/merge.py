@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from vf_lightning.diagnostics import vf_profile, vf_ratio
-from vf_lightning.distributed import all_reduce_sum, evaluate_reduced, is_distributed
+from vf_lightning.distributed import all_reduce_sum, is_distributed
 from vf_lightning.merge import barrier
 from vf_lightning.merge.pfm import max_preserved, pfm_sweep
 from vf_lightning.merge.session import (
@@ -30,6 +30,7 @@ from vf_lightning.merge.session import (
     SessionData,
     check_matchings,
     check_normalizations,
+    evaluate_model,
 )
 from vf_lightning.progress import Steps
 from vf_lightning.repair import has_normalization
@@ -418,7 +419,7 @@ class PFMCallback(_Merging):
         goals = s.goals(merge, s.stat_sites) if any(n not in NO_GOALS for n in self.normalizations) else None
         with s.timer.phase("pfm"):
             found = pfm_sweep(a, b, res, depths, self.normalizations, s.data.calib,
-                              lambda m: evaluate_reduced(m, s.data.eval, s.data.device), example,
+                              lambda m: evaluate_model(m, s.data.eval, s.data.device), example,
                               on_variant=keep, goals=goals, sites=s.fix_sites, merged=merge.model)  # fmt: skip
         return [{"matching": matching, "alpha": 0.5, **r} for r in found]
 

@@ -13,8 +13,8 @@ from torch import nn
 
 from vf_lightning.align import ModelGraph
 from vf_lightning.diagnostics import count_params, variance_ratio
-from vf_lightning.distributed import broadcast_module, evaluate_reduced
-from vf_lightning.merge.session import SessionData, check_normalizations
+from vf_lightning.distributed import broadcast_module
+from vf_lightning.merge.session import SessionData, check_normalizations, evaluate_model
 from vf_lightning.progress import Steps
 from vf_lightning.prune import PRUNERS, normalize_pruned, prune_model, sparsity_report
 from vf_lightning.repair import Goals, auto_normalization, reference_stats
@@ -101,7 +101,7 @@ class PruneCallback(DiagnosticCallback):
         """Dense and pruned (± normalization) accuracies and losses of one network, reduced over ranks."""
         graph = ModelGraph.of(dense)
         fix_sites, vr_sites = graph.correction_sites(), graph.variance_sites()
-        d = evaluate_reduced(dense, data.eval, data.device)
+        d = evaluate_model(dense, data.eval, data.device)
         stats = reference_stats([dense], data.calib, list(dict.fromkeys([*fix_sites, *vr_sites])))[0]
         # diag_fisher needs labels: validation batches (rank 0's mask is then broadcast to all ranks)
         ref = _Dense(name, dense, stats.subset(fix_sites), stats.subset(vr_sites), fix_sites,
@@ -130,7 +130,7 @@ class PruneCallback(DiagnosticCallback):
             label = f"auto:{ref.auto}" if norm == "auto" else norm
             model = pruned if norm == "none" else normalize_pruned(pruned, ref.model, data.calib, norm, None,
                                                                    ref.goals, ref.fix_sites)[0]  # fmt: skip
-            m = evaluate_reduced(model, data.eval, data.device)
+            m = evaluate_model(model, data.eval, data.device)
             row = {"network": ref.name, "pruner": pruner, "sparsity": s, "achieved_sparsity": achieved,
                    "normalization": label, "acc": m["acc"], "loss": m["loss"],
                    "params_ratio": count_params(model, nonzero=True) / ref.n_params, "flops_ratio": 1.0,
@@ -140,7 +140,7 @@ class PruneCallback(DiagnosticCallback):
             if validate:
                 curves[f"{pruner}/{s:g}/{label}"] = list(variance_ratio(model, ref.vr_goals, data.calib).values())
                 if data.select is not None and s == max(self.sparsities):
-                    score = evaluate_reduced(model, data.select, data.device)["acc"]
+                    score = evaluate_model(model, data.select, data.device)["acc"]
                     self.report(self._trainer).offer(  # type: ignore[arg-type]
                         "pruned", score, model, f"{ref.name}/{pruner}/{s:g}/{label}", val_acc=score,
                         test_acc=m["acc"])  # fmt: skip

@@ -26,6 +26,7 @@ from vf_lightning.repair import (
     evaluated_stats,
     fold_affine,
     get_normalization,
+    inference_copy,
     normalize,
     reference_stats,
     reset_bn_stats,
@@ -112,6 +113,44 @@ def test_fold_affine_equals_explicit_affine_after_layer(module: nn.Module) -> No
     expected = module(x) * a.view(shape) + c.view(shape)
     fold_affine(module, a, c)
     torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class _SharedConvOutput(nn.Module):
+    """conv1 → bn1 (foldable); conv2's output is read by bn2 and by the sum (not foldable); bn3 reads a ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.bn3 = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(self.bn1(self.conv1(x)))
+        return self.bn3(torch.relu(self.bn2(h) + h)).mean((2, 3))
+
+
+@pytest.mark.parametrize("arch", ["vgg11", "resnet20", "shared"])
+def test_inference_copy_folds_batchnorms_into_the_layer_before_them_only(arch: str) -> None:
+    torch.manual_seed(0)
+    model = _SharedConvOutput() if arch == "shared" else build_model(ModelConfig(arch=arch, norm="bn", width=0.25))
+    bns = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():  # non-trivial running statistics and affine parameters
+        for n in bns:
+            bn = model.get_submodule(n)
+            bn.running_mean.normal_(0, 0.5), bn.running_var.uniform_(0.3, 3.0)
+            bn.weight.uniform_(0.5, 1.5), bn.bias.normal_(0, 0.3)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = inference_copy(model)
+    x = torch.randn(4, 3, 32, 32)
+    assert model.training, "the model's mode is left as it was"
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), "the model itself is unchanged"
+    left = [n for n, m in fast.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert left == ([] if arch != "shared" else ["bn2", "bn3"])
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    assert inference_copy(plain) is plain, "nothing to fold: no copy"
 
 
 def test_folded_model_equals_unfolded_correction_hooks() -> None:

@@ -54,6 +54,7 @@ from vf_lightning.repair import (
     normalize,
     reference_stats,
 )
+from vf_lightning.repair.fold import replace_submodule
 from vf_lightning.repair.sites import batchnorm_sites
 from vf_lightning.stats import model_device
 
@@ -236,11 +237,6 @@ def _mixer(layer: nn.Module) -> nn.Module:
     return LinearPairMixer(mixer) if isinstance(layer, nn.Linear) else mixer
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # the module
 
@@ -378,7 +374,7 @@ class PreserveFirstMerger:
         root = copy.deepcopy(base_merged)
         linear = [isinstance(self.model_a.get_submodule(t), nn.Linear) for t in trans]
         for t in trans:
-            _set_submodule(root, t, _mixer(root.get_submodule(t)))
+            replace_submodule(root, t, _mixer(root.get_submodule(t)))
         suffix = _graph_module(root, _suffix_graph(self.graph, trans))
         self._check_merged_part(suffix, preserved, set(trans))
         return PFMModel(a, b, suffix, preserved, trans, linear, lay.layers, lay.outputs).eval()

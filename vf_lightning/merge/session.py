@@ -42,7 +42,7 @@ from vf_lightning.distributed import all_reduce_max, broadcast_module, evaluate_
 from vf_lightning.merge.interpolate import average_models, interpolate_models
 from vf_lightning.models import fast_memory_format
 from vf_lightning.progress import status
-from vf_lightning.repair import NORMALIZATIONS, Goals, combine_goals, normalize, reference_stats
+from vf_lightning.repair import NORMALIZATIONS, Goals, combine_goals, inference_copy, normalize, reference_stats
 from vf_lightning.stats import iter_inputs
 
 PERMUTATION_MATCHINGS = ("identity", "weight", "activation")
@@ -130,6 +130,13 @@ class Ensemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(x) for m in self.members]).mean(0)
+
+
+def evaluate_model(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                   device: torch.device | str) -> dict[str, float]:  # fmt: skip
+    """``{"acc", "loss"}`` of ``model`` over this rank's batches, reduced over ranks, computed on its
+    :func:`~vf_lightning.repair.inference_copy` (BatchNorms folded into the layers before them)."""
+    return evaluate_reduced(inference_copy(model), batches, device)
 
 
 def check_matchings(matchings: Sequence[str], owner: str, permutation_only: bool = False) -> list[str]:
@@ -365,7 +372,7 @@ class MergeSession:
             if batches is None:
                 raise SessionError("this session has no selection data (SessionData.select)")
             with self.timer.phase("evaluation"):
-                self._evals[full] = evaluate_reduced(model, batches, self.data.device)
+                self._evals[full] = evaluate_model(model, batches, self.data.device)
         return self._evals[full]
 
     def evaluate_variant(self, matching: str, normalization: str, alpha: float | None = 0.5,

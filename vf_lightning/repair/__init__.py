@@ -8,7 +8,7 @@ from vf_lightning.repair.correct import (
     reset_bn_stats,
     sequential_estimate,
 )
-from vf_lightning.repair.fold import ensure_biases, fold_affine
+from vf_lightning.repair.fold import ensure_biases, fold_affine, inference_copy
 from vf_lightning.repair.goals import Goals, combine_goals, compute_goals, evaluated_stats, reference_stats
 from vf_lightning.repair.registry import (
     NORMALIZATIONS,
@@ -47,6 +47,7 @@ __all__ = [
     "ensure_biases",
     "fold_affine",
     "get_normalization",
+    "inference_copy",
     "has_batchnorm",
     "has_normalization",
     "normalize",

@@ -13,6 +13,7 @@ Each is a thin front-end over the shared :class:`~vf_lightning.merge.session.Mer
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -22,7 +23,7 @@ from torch import nn
 from vf_lightning.diagnostics import vf_profile, vf_ratio
 from vf_lightning.distributed import all_reduce_sum, is_distributed
 from vf_lightning.merge import barrier
-from vf_lightning.merge.pfm import max_preserved, pfm_sweep
+from vf_lightning.merge.pfm import PFMModel, evaluate_variants, max_preserved, pfm_sweep
 from vf_lightning.merge.session import (
     GENERAL_MATCHINGS,
     NO_GOALS,
@@ -30,7 +31,6 @@ from vf_lightning.merge.session import (
     SessionData,
     check_matchings,
     check_normalizations,
-    evaluate_model,
 )
 from vf_lightning.progress import Steps
 from vf_lightning.repair import has_normalization
@@ -403,13 +403,22 @@ class PFMCallback(_Merging):
         example = s.data.example()
         res = s.alignment(matching)
 
+        selected: dict[int, float] = {}  # validation-half accuracy of each variant of the depth being swept
+
+        def evaluate(variants: Sequence[PFMModel]) -> list[dict[str, float]]:
+            """Test half for the rows (and validation half for merged_pfm.pt): one pass each over a depth's variants."""
+            with s.timer.phase("evaluation"):
+                if rep is not None and s.data.select is not None:
+                    scores = evaluate_variants(variants, s.data.select, s.data.device)
+                    selected.update({id(v): r["acc"] for v, r in zip(variants, scores)})
+                return evaluate_variants(variants, s.data.eval, s.data.device)
+
         def keep(pfm: nn.Module, row: dict[str, Any], matching: str = matching) -> None:
             bar.advance(f"{matching}/{row['normalization']}/k={row['preserved_layers']}", acc=row["acc"],
                         params_ratio=row["params_ratio"])  # fmt: skip
             if rep is None or s.data.select is None:
                 return
-            score = s.evaluate(("pfm", matching, row["preserved_layers"], row["normalization"]), pfm,
-                               "select")["acc"]  # fmt: skip
+            score = selected.pop(id(pfm))
             rep.offer("merged_pfm", score, pfm, f"{matching}/{row['normalization']}/k={row['preserved_layers']}",
                       val_acc=score, test_acc=row["acc"], preserved_layers=row["preserved_layers"],
                       params_ratio=row["params_ratio"], flops_ratio=row["flops_ratio"])  # fmt: skip
@@ -418,8 +427,7 @@ class PFMCallback(_Merging):
         # the session's statistics sites cover every non-output conv/linear, i.e. any depth's merged part
         goals = s.goals(merge, s.stat_sites) if any(n not in NO_GOALS for n in self.normalizations) else None
         with s.timer.phase("pfm"):
-            found = pfm_sweep(a, b, res, depths, self.normalizations, s.data.calib,
-                              lambda m: evaluate_model(m, s.data.eval, s.data.device), example,
+            found = pfm_sweep(a, b, res, depths, self.normalizations, s.data.calib, evaluate, example,
                               on_variant=keep, goals=goals, sites=s.fix_sites, merged=merge.model)  # fmt: skip
         return [{"matching": matching, "alpha": 0.5, **r} for r in found]
 

@@ -12,9 +12,11 @@ from vf_lightning.align import align, apply_permutation, build_permutation_spec,
 from vf_lightning.evaluate import evaluate
 from vf_lightning.merge.pfm import (
     PFMError,
+    PFMGroup,
     PFMModel,
     PreserveFirstMerger,
     build_pfm,
+    evaluate_variants,
     load_pfm,
     max_preserved,
     pfm_sweep,
@@ -193,7 +195,7 @@ def test_sweep_reuses_one_goal_statistics_pass(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(pfm_mod, "reference_stats", counting)
     al = align(a, b, "weight", example_input=x[:2])
     rows = pfm_sweep(a, b, al, [0, 3, 9], ["none", "repair", "rescale", "bias_calibration", "zero_bias"], loader,
-                     lambda m: evaluate(m, loader), x[:1], max_samples=24)
+                     lambda ms: evaluate_variants(ms, list(loader), "cpu"), x[:1], max_samples=24)
     assert len(calls) == 1
     assert len(rows) == 15
     assert set(rows[0]) == {"preserved_layers", "normalization", "acc", "loss", "params_ratio", "flops_ratio",
@@ -202,6 +204,34 @@ def test_sweep_reuses_one_goal_statistics_pass(monkeypatch: pytest.MonkeyPatch) 
     assert len({(r["acc"], round(r["loss"], 6)) for r in ens}) == 1  # nothing left to normalize in the ensemble
     assert [r["params_ratio"] for r in rows if r["normalization"] == "none"] == sorted(
         r["params_ratio"] for r in rows if r["normalization"] == "none")
+
+
+@pytest.mark.parametrize("arch,norm,size", [("vgg11", "bn", 16), ("resnet20", "bn", 8)])
+@torch.no_grad()
+def test_variants_of_one_depth_share_one_prefix_pass_and_keep_their_own_results(arch: str, norm: str,
+                                                                               size: int) -> None:
+    a, b = _pair(_cfg(arch, norm, size))
+    x, loader = _x(size), _loader(size)
+    merger = PreserveFirstMerger(a, b, align(a, b, "weight", example_input=x[:2]))
+    variants = [merger.variant(3, n, loader, max_samples=24) for n in ("none", "reset", "repair", "zero_bias")]
+    runs = [0] * len(variants)
+    for i, v in enumerate(variants):
+        v.a.register_forward_hook(lambda *_, i=i: runs.__setitem__(i, runs[i] + 1))  # type: ignore[union-attr]
+    outs = PFMGroup(variants)(x)
+    assert runs == [1, 0, 0, 0], "the preserved prefixes run once, for all variants"
+    for v, out in zip(variants, outs, strict=True):
+        assert torch.equal(out, v(x))
+    assert len({round(float(o.abs().sum()), 3) for o in outs}) == len(outs), "the merged parts differ"
+    batches = list(loader)
+    for v, r in zip(variants, evaluate_variants(variants, batches, "cpu"), strict=True):
+        single = evaluate(v, batches)
+        assert r["acc"] == single["acc"] and r["loss"] == pytest.approx(single["loss"], abs=1e-5)
+    with pytest.raises(PFMError, match="share their preserved prefixes"):
+        PFMGroup([variants[0], merger.variant(4, "none")])
+    other = merger.variant(3, "none")
+    next(other.a.parameters()).add_(1.0)  # type: ignore[union-attr]
+    with pytest.raises(PFMError, match="share their preserved prefixes"):
+        PFMGroup([variants[0], other])
 
 
 @pytest.mark.parametrize("method", ["zip", "cca"])

@@ -118,7 +118,7 @@ def test_a_user_registered_normalization_runs_inside_pfm_on_the_merged_part_only
     s = MergeSession([a, b], data)
     res = s.alignment("weight")
     seen: dict[int, nn.Module] = {}
-    rows = pfm_sweep(a, b, res, [3], ["none", name], data.calib, lambda m: {"acc": 0.0, "loss": 0.0},
+    rows = pfm_sweep(a, b, res, [3], ["none", name], data.calib, lambda ms: [{"acc": 0.0, "loss": 0.0}] * len(ms),
                      data.example(), on_variant=lambda pfm, row: seen.setdefault(len(seen), pfm),
                      goals=s.goals(s.merge("weight"), s.stat_sites), sites=s.fix_sites)  # fmt: skip
     assert [r["normalization"] for r in rows] == ["none", name]

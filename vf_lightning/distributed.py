@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from vf_lightning.evaluate import evaluate
+from vf_lightning.evaluate import evaluate, evaluate_heads
 
 
 def is_distributed() -> bool:
@@ -59,16 +59,30 @@ def broadcast_module(model: nn.Module, device: torch.device | str) -> nn.Module:
 def evaluate_reduced(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                      device: torch.device | str) -> dict[str, float]:  # fmt: skip
     """``{"acc", "loss"}`` over this rank's ``(x, y)`` batches, with correct counts and loss sums summed over ranks."""
-    data = list(batches)
+    return _reduced(model, list(batches), device, None)[0]
+
+
+def evaluate_heads_reduced(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                           device: torch.device | str, heads: int) -> list[dict[str, float]]:  # fmt: skip
+    """:func:`evaluate_reduced` for a model returning a list of ``heads`` logits tensors
+    (:func:`vf_lightning.evaluate.evaluate_heads`): one result per output."""
+    return _reduced(model, list(batches), device, heads)
+
+
+def _reduced(model: nn.Module, data: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device | str,
+             heads: int | None) -> list[dict[str, float]]:  # fmt: skip
     n = sum(int(y.shape[0]) for _, y in data)
-    correct, loss_sum = 0.0, 0.0
+    k = 1 if heads is None else heads
+    sums = [0.0] * (2 * k)  # correct counts and loss sums per output; zero on a rank without data
     if n:
-        r = evaluate(model, data, device)
-        correct, loss_sum = float(round(r["acc"] * n)), r["loss"] * n
-    c, s, total = all_reduce_sum([correct, loss_sum, n], device)
+        results = [evaluate(model, data, device)] if heads is None else evaluate_heads(model, data, device)
+        if len(results) != k:
+            raise ValueError(f"the model returned {len(results)} outputs, expected {k}")
+        sums = [v for r in results for v in (float(round(r["acc"] * n)), r["loss"] * n)]
+    total, *sums = all_reduce_sum([n, *sums], device)
     if total == 0:
         raise RuntimeError("the evaluation data is empty on every rank (eval_samples=0 or an empty split)")
-    return {"acc": c / total, "loss": s / total}
+    return [{"acc": sums[2 * i] / total, "loss": sums[2 * i + 1] / total} for i in range(k)]
 
 
 def all_reduce_max(value: float, device: torch.device | str) -> float:

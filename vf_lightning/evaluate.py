@@ -29,10 +29,29 @@ def evaluate(
 
     ``device`` defaults to the model's device; the model's train/eval mode is restored afterwards.
     """
+    return _evaluate(model, loader, device, max_samples, heads=False)[0]
+
+
+def evaluate_heads(
+    model: nn.Module,
+    loader: Iterable[object],
+    device: torch.device | str | None = None,
+    max_samples: int | None = None,
+) -> list[dict[str, float]]:
+    """:func:`evaluate` for a model whose forward returns a list of logits tensors (several models sharing part
+    of their computation, e.g. :class:`vf_lightning.merge.pfm.PFMGroup`): one ``{"acc", "loss"}`` per output, each
+    batch moved and run once."""
+    return _evaluate(model, loader, device, max_samples, heads=True)
+
+
+def _evaluate(model: nn.Module, loader: Iterable[object], device: torch.device | str | None, max_samples: int | None,
+              heads: bool) -> list[dict[str, float]]:  # fmt: skip
     dev = torch.device(device) if device is not None else model_device(model)
     was_training = model.training
     model.eval()
-    correct, loss_sum, n = 0, 0.0, 0
+    correct: list[int] = []
+    loss_sum: list[float] = []
+    n = 0
     try:
         with torch.inference_mode():
             for batch in loader:
@@ -42,12 +61,16 @@ def evaluate(
                         break
                     x, y = x[: max_samples - n], y[: max_samples - n]
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                logits = model(x)
-                loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
-                correct += (logits.argmax(1) == y).sum().item()
+                out = model(x)
+                outputs = list(out) if heads else [out]
+                if not correct:
+                    correct, loss_sum = [0] * len(outputs), [0.0] * len(outputs)
+                for i, logits in enumerate(outputs):
+                    loss_sum[i] += F.cross_entropy(logits.float(), y, reduction="sum").item()
+                    correct[i] += int((logits.argmax(1) == y).sum().item())
                 n += y.shape[0]
     finally:
         model.train(was_training)
     if n == 0:
         raise ValueError("evaluate got an empty loader; pass a loader with at least one batch")
-    return {"acc": correct / n, "loss": loss_sum / n}
+    return [{"acc": c / n, "loss": s / n} for c, s in zip(correct, loss_sum)]

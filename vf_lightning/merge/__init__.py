@@ -12,9 +12,11 @@ from vf_lightning.merge.interpolate import (
 from vf_lightning.merge.multitask import MultiTaskResult, TaskData, merge_experts
 from vf_lightning.merge.pfm import (
     PFMError,
+    PFMGroup,
     PFMModel,
     PreserveFirstMerger,
     build_pfm,
+    evaluate_variants,
     load_pfm,
     max_preserved,
     pfm_sweep,
@@ -34,6 +36,7 @@ __all__ = [
     "MultiTaskModel",
     "MultiTaskResult",
     "PFMError",
+    "PFMGroup",
     "PFMModel",
     "PreserveFirstMerger",
     "SessionData",
@@ -44,6 +47,7 @@ __all__ = [
     "average_states",
     "barrier",
     "build_pfm",
+    "evaluate_variants",
     "interpolate_models",
     "interpolate_state",
     "load_pfm",

@@ -42,6 +42,7 @@ from vf_lightning.align.results import AlignmentResult
 from vf_lightning.align.spec import PermutationSpec
 from vf_lightning.align.transforms import merge_models, model_maps, transform_model
 from vf_lightning.diagnostics.complexity import count_flops, count_params
+from vf_lightning.distributed import evaluate_heads_reduced
 from vf_lightning.io import atomic_torch_save
 from vf_lightning.models import ModelConfig, build_model
 from vf_lightning.repair import (
@@ -51,6 +52,7 @@ from vf_lightning.repair import (
     combine_goals,
     ensure_biases,
     get_normalization,
+    inference_copy,
     normalize,
     reference_stats,
 )
@@ -60,7 +62,7 @@ from vf_lightning.stats import model_device
 
 PFM_FORMAT = "vf-pfm"
 Maps = dict[str, tuple[torch.Tensor, torch.Tensor]]
-EvaluateFn = Callable[[nn.Module], Mapping[str, float]]
+EvaluateFn = Callable[[Sequence["PFMModel"]], Sequence[Mapping[str, float]]]
 
 
 class PFMError(ValueError):
@@ -265,6 +267,11 @@ class PFMModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.a is None or self.b is None:
             return self.merged(x)
+        return self.merged(x, *self.pairs(x))
+
+    def pairs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Both prefixes' transition outputs, interleaved per channel: the merged part's inputs besides ``x``."""
+        assert self.a is not None and self.b is not None, "the full merge (preserved = 0) has no prefixes"
         ya, yb = self.a(x), self.b(x)
         pairs = []
         for i, lin in enumerate(self.linear):
@@ -272,7 +279,7 @@ class PFMModel(nn.Module):
                 pairs.append(torch.stack([ya[i], yb[i]], -1).flatten(-2))
             else:  # conv outputs: channels (dim 1) interleaved
                 pairs.append(torch.stack([ya[i], yb[i]], 2).flatten(1, 2))
-        return self.merged(x, *pairs)
+        return pairs
 
     def merged_sites(self, sites: Sequence[str] | None = None) -> list[str]:
         """Conv/linear outputs of the merged part (transitions included, output layers excluded), PFM names;
@@ -301,6 +308,46 @@ class PFMModel(nn.Module):
     def flops_ratio(self, base: nn.Module, example_input: torch.Tensor) -> float:
         """Forward FLOPs of this system / FLOPs of one base model on ``example_input``."""
         return count_flops(self, example_input) / count_flops(base, example_input)
+
+
+def _same_weights(m1: nn.Module | None, m2: nn.Module | None) -> bool:
+    if m1 is None or m2 is None:
+        return m1 is m2
+    s1, s2 = m1.state_dict(), m2.state_dict()
+    return list(s1) == list(s2) and all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+class PFMGroup(nn.Module):
+    """PFM variants of one depth that differ only in their merged parts (normalizations of one system): the
+    forward runs the preserved prefixes once, then every merged part, and returns one logits tensor per variant
+    (evaluate with :func:`vf_lightning.evaluate.evaluate_heads`). At depth ``k`` the prefixes are most of the
+    system's cost (all of it for the ensemble), so ``n`` variants cost about one prefix pass plus ``n`` suffixes."""
+
+    def __init__(self, variants: Sequence[PFMModel]) -> None:
+        super().__init__()
+        if not variants:
+            raise PFMError("PFMGroup needs at least one PFM variant")
+        first = variants[0]
+        for v in variants[1:]:
+            if (v.transitions != first.transitions or v.linear != first.linear or not _same_weights(v.a, first.a)
+                    or not _same_weights(v.b, first.b)):  # fmt: skip
+                raise PFMError("PFMGroup: the variants must share their preserved prefixes (one depth, the same "
+                               "prefix weights); normalize only the merged part (PreserveFirstMerger.variant)")
+        self.variants = nn.ModuleList(variants)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        first: PFMModel = self.variants[0]  # type: ignore[assignment]
+        if first.a is None:
+            return [v(x) for v in self.variants]
+        pairs = first.pairs(x)
+        return [v.merged(x, *pairs) for v in self.variants]  # type: ignore[operator]
+
+
+def evaluate_variants(variants: Sequence[PFMModel], batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                      device: torch.device | str) -> list[dict[str, float]]:  # fmt: skip
+    """``{"acc", "loss"}`` of each variant of one depth over this rank's batches, reduced over ranks: one pass of
+    their :class:`PFMGroup` (BatchNorms folded, :func:`~vf_lightning.repair.inference_copy`)."""
+    return evaluate_heads_reduced(inference_copy(PFMGroup(variants)), batches, device, len(variants))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -484,8 +531,10 @@ def pfm_sweep(
     """Evaluate every ``(preserved, normalization)`` PFM variant; one trace, merge and goal-statistics pass.
 
     Rows ``{"preserved_layers", "normalization", "acc", "loss", "params_ratio", "flops_ratio", "seconds"}``
-    (``seconds`` = building and normalizing the variant, without evaluation). ``evaluate_fn(model)`` returns
-    ``{"acc", "loss"}``; ``on_variant(pfm, row)`` sees each variant (e.g. to keep or save the best one).
+    (``seconds`` = building and normalizing the variant, without evaluation). ``evaluate_fn(variants)`` gets the
+    variants of one depth (one per normalization, sharing their preserved prefixes) and returns one
+    ``{"acc", "loss"}`` per variant (:func:`evaluate_variants` runs them in one pass); ``on_variant(pfm, row)``
+    sees each variant (e.g. to keep or save the best one).
     ``goals`` (keyed by base-model names, covering :meth:`PreserveFirstMerger.goal_sites`), ``sites`` (the
     correction sites) and ``merged`` (the plain merged model) may come from a merge session.
     """
@@ -501,14 +550,15 @@ def pfm_sweep(
     base_params = count_params(model_a)
     rows: list[dict[str, Any]] = []
     for k in preserved_list:
-        ratios: tuple[float, float] | None = None
+        built = []
         for norm in normalizations:
             t0 = time.perf_counter()
             pfm = merger.variant(k, norm, data, goals, None, one_ref, eps, sites)
-            seconds = time.perf_counter() - t0
-            if ratios is None:
-                ratios = (count_params(pfm) / base_params, count_flops(pfm, example_input) / base_flops)
-            res = evaluate_fn(pfm)
+            built.append((norm, pfm, time.perf_counter() - t0))
+        first = built[0][1]
+        ratios = (count_params(first) / base_params, count_flops(first, example_input) / base_flops)
+        results = evaluate_fn([pfm for _, pfm, _ in built])
+        for (norm, pfm, seconds), res in zip(built, results, strict=True):
             row = {"preserved_layers": k, "normalization": norm, "acc": float(res["acc"]),
                    "loss": float(res["loss"]), "params_ratio": ratios[0], "flops_ratio": ratios[1],
                    "seconds": seconds}

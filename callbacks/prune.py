@@ -17,7 +17,7 @@ from vf_lightning.distributed import broadcast_module
 from vf_lightning.merge.session import SessionData, check_normalizations, evaluate_model
 from vf_lightning.progress import Steps
 from vf_lightning.prune import PRUNERS, normalize_pruned, prune_model, sparsity_report
-from vf_lightning.repair import Goals, auto_normalization, reference_stats
+from vf_lightning.repair import Goals, Measure, auto_normalization, reference_stats
 
 from .base import DiagnosticCallback, networks_of
 from .wandb_log import EPOCH_AXIS, LAYER_AXIS, SPARSITY_AXIS, line_plot, table
@@ -128,8 +128,9 @@ class PruneCallback(DiagnosticCallback):
         for norm in self.normalizations:
             t1 = time.perf_counter()
             label = f"auto:{ref.auto}" if norm == "auto" else norm
-            model = pruned if norm == "none" else normalize_pruned(pruned, ref.model, data.calib, norm, None,
-                                                                   ref.goals, ref.fix_sites)[0]  # fmt: skip
+            wanted = Measure(ref.vr_goals.sites) if validate else None  # the variance ratio from its own pass
+            model = pruned if norm == "none" else normalize_pruned(
+                pruned, ref.model, data.calib, norm, None, ref.goals, ref.fix_sites, measure=wanted)[0]  # fmt: skip
             m = evaluate_model(model, data.eval, data.device)
             row = {"network": ref.name, "pruner": pruner, "sparsity": s, "achieved_sparsity": achieved,
                    "normalization": label, "acc": m["acc"], "loss": m["loss"],
@@ -138,7 +139,9 @@ class PruneCallback(DiagnosticCallback):
             rows.append(row)
             bar.advance(f"{ref.name}/{pruner}/{s:g}/{label}", acc=m["acc"], sparsity=achieved)
             if validate:
-                curves[f"{pruner}/{s:g}/{label}"] = list(variance_ratio(model, ref.vr_goals, data.calib).values())
+                known = wanted.goals if wanted is not None else None
+                curves[f"{pruner}/{s:g}/{label}"] = list(variance_ratio(model, ref.vr_goals, data.calib,
+                                                                        known=known).values())  # fmt: skip
                 if data.select is not None and s == max(self.sparsities):
                     score = evaluate_model(model, data.select, data.device)["acc"]
                     self.report(self._trainer).offer(  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ from vf_lightning.merge import interpolate_models
 from vf_lightning.models import ModelConfig, build_model
 from vf_lightning.repair import (
     NORMALIZATIONS,
+    Measure,
     affine_coefficients,
     affine_correct,
     auto_normalization,
@@ -433,3 +434,58 @@ def test_cached_walk_on_a_vit_gives_the_per_level_passes_result(monkeypatch: pyt
     merged = interpolate_models(a, b, 0.5)
     goals = compute_goals([a, b], loader, [0.5, 0.5], default_correction_sites(merged))
     _same_correction(merged, lambda m: affine_correct(m, goals, loader, "repair"), monkeypatch, exact=False)
+
+
+@pytest.mark.parametrize("arch,norm,method", [("vgg11", "bn", "reset"), ("vgg11", "bn", "repair"),
+                                              ("resnet20", "bn", "repair"), ("resnet20", "ln", "repair"),
+                                              ("vgg11", "none", "rescale")])  # fmt: skip
+def test_measure_gives_the_normalized_models_statistics_without_a_pass(
+    arch: str, norm: str, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Measure at the variance-ratio sites equals a statistics pass over the normalized model: BatchNorm outputs
+    (derived from the re-estimated running statistics), corrected layers' outputs, LayerNorm outputs (read off the
+    cached walk). Without the walk, sites only the walk could give leave it unfilled; a normalization without a
+    statistics pass never fills it."""
+    from vf_lightning.align import ModelGraph
+    from vf_lightning.repair import correct
+
+    a, b = _pair(arch, norm)
+    loader = _small(arch)
+    merged = interpolate_models(a, b, 0.5)
+    sites = ModelGraph.of(merged).variance_sites()
+    goals = compute_goals([a, b], loader, [0.5, 0.5], default_correction_sites(merged))
+    passes = [0]
+    real_iter = correct.iter_inputs
+
+    def counted(*args: object, **kw: object) -> object:
+        passes[0] += 1
+        return real_iter(*args, **kw)  # type: ignore[arg-type]
+
+    for cache in (True, False):
+        if not cache:
+            monkeypatch.setattr(correct, "CACHE_BYTES", 0)
+        wanted = Measure(sites)
+        out = normalize(merged, method, loader, goals=goals if method != "reset" else None, measure=wanted)
+        expected = reference_stats([out], loader, sites)[0]
+        if not cache and norm == "ln":
+            assert wanted.goals is None  # LayerNorm outputs need a pass of their own without the walk
+            continue
+        assert wanted.goals is not None and wanted.goals.sites == sites
+        for site in sites:
+            scale = float(expected.std[site].max())
+            # float rounding: the walk rescales corrected outputs rather than rerunning the folded layers
+            torch.testing.assert_close(wanted.goals.std[site], expected.std[site], rtol=1e-4, atol=1e-6 * scale)
+            torch.testing.assert_close(wanted.goals.mean[site], expected.mean[site], rtol=1e-4, atol=1e-5 * scale)
+    monkeypatch.setattr(correct, "iter_inputs", counted)  # the walk path: one pass over the data, not two
+    monkeypatch.setattr(correct, "CACHE_BYTES", 2**31)
+    wanted = Measure(sites)
+    normalize(merged, method, loader, goals=goals if method != "reset" else None, measure=wanted)
+    assert wanted.goals is not None
+    with_measure = passes[0]
+    passes[0] = 0
+    normalize(merged, method, loader, goals=goals if method != "reset" else None)
+    assert with_measure == passes[0]
+    for plain in ("none", "zero_bias"):
+        wanted = Measure(sites)
+        normalize(merged, plain, loader, measure=wanted)
+        assert wanted.goals is None

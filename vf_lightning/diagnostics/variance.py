@@ -29,13 +29,19 @@ def variance_ratio(
     loader: Iterable[object],
     sites: Sequence[str] | None = None,
     max_samples: int | None = None,
+    known: Goals | None = None,
 ) -> dict[str, float]:
     """Variance ratio of ``model`` at ``target``'s sites (interpolated endpoint stds, or the dense model's).
 
-    ``target`` usually comes from :func:`vf_lightning.repair.compute_goals` on the same data.
+    ``target`` usually comes from :func:`vf_lightning.repair.compute_goals` on the same data. ``known``: the
+    model's statistics on that data when already measured (a normalization's
+    :class:`~vf_lightning.repair.Measure`); used when they cover the sites, else one statistics pass measures them.
     """
     names = list(sites) if sites is not None else target.sites
-    with torch.no_grad():
-        stats = reference_stats([model], loader, names, max_samples)[0]
+    if known is not None and all(k in known.std for k in names):
+        stats = known
+    else:
+        with torch.no_grad():
+            stats = reference_stats([model], loader, names, max_samples)[0]
     sub = Goals({k: target.mean[k] for k in names}, {k: target.std[k] for k in names})
     return variance_ratio_from_stats(stats, sub)

@@ -42,7 +42,15 @@ from vf_lightning.distributed import all_reduce_max, broadcast_module, evaluate_
 from vf_lightning.merge.interpolate import average_models, interpolate_models
 from vf_lightning.models import fast_memory_format
 from vf_lightning.progress import status
-from vf_lightning.repair import NORMALIZATIONS, Goals, combine_goals, inference_copy, normalize, reference_stats
+from vf_lightning.repair import (
+    NORMALIZATIONS,
+    Goals,
+    Measure,
+    combine_goals,
+    inference_copy,
+    normalize,
+    reference_stats,
+)
 from vf_lightning.stats import iter_inputs
 
 PERMUTATION_MATCHINGS = ("identity", "weight", "activation")
@@ -206,6 +214,7 @@ class MergeSession:
         self._normalized: dict[tuple[str, float | None, str], nn.Module] = {}
         self._evals: dict[Hashable, dict[str, float]] = {}
         self._ratios: dict[Hashable, dict[str, float]] = {}
+        self._measured: dict[Hashable, Goals] = {}  # a normalized variant's statistics at vr_sites, from its own pass
         self._checks: dict[str, dict[str, Any]] = {}
         self.cache: dict[Hashable, Any] = {}  # for callers' own derived results (e.g. PFM mergers)
 
@@ -348,11 +357,16 @@ class MergeSession:
         m = self.merge(matching, alpha)
         key = (matching, m.alpha, normalization)
         if key not in self._normalized:
-            self._normalized[key] = self.normalize_model(m, m.model, normalization)
+            wanted = Measure(self.vr_sites)  # the variance ratio then needs no pass of its own
+            self._normalized[key] = self.normalize_model(m, m.model, normalization, wanted)
+            if wanted.goals is not None:
+                self._measured[key] = wanted.goals
         return self._normalized[key]
 
-    def normalize_model(self, merge: Merge, model: nn.Module, normalization: str) -> nn.Module:
-        """``model`` (the merge, or a variant of it) after ``normalization`` with ``merge``'s goals and references."""
+    def normalize_model(self, merge: Merge, model: nn.Module, normalization: str,
+                        measure: Measure | None = None) -> nn.Module:  # fmt: skip
+        """``model`` (the merge, or a variant of it) after ``normalization`` with ``merge``'s goals and references;
+        ``measure``: its statistics from the normalization's own pass (:class:`~vf_lightning.repair.Measure`)."""
         if normalization == "none":
             return model
         alpha = 0.5 if merge.alpha is None else merge.alpha
@@ -361,7 +375,7 @@ class MergeSession:
         with self.timer.phase("normalization"):
             return normalize(model, normalization, self.data.calib, refs=refs,
                              weights=merge.weights if refs else None, goals=goals, sites=self.fix_sites,
-                             alpha=alpha).eval()  # fmt: skip
+                             alpha=alpha, measure=measure).eval()  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------ measuring
     def evaluate(self, key: Hashable, model: nn.Module, split: Literal["eval", "select"] = "eval") -> dict[str, float]:
@@ -398,5 +412,6 @@ class MergeSession:
             model = self.normalized(matching, normalization, alpha)
             target = self.goals(m, self.vr_sites)
             with self.timer.phase("diagnostics"):
-                self._ratios[key] = measure_variance_ratio(model, target, self.data.calib)
+                self._ratios[key] = measure_variance_ratio(model, target, self.data.calib,
+                                                           known=self._measured.get(key))  # fmt: skip
         return self._ratios[key]

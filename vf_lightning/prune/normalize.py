@@ -9,6 +9,7 @@ from torch import nn
 
 from vf_lightning.progress import status
 from vf_lightning.prune.pruners import prune_model, sparsity_report
+from vf_lightning.repair.correct import Measure
 from vf_lightning.repair.goals import Goals
 from vf_lightning.repair.registry import auto_normalization, normalize
 
@@ -32,15 +33,17 @@ def normalize_pruned(
     goals: Goals | None = None,
     sites: Sequence[str] | None = None,
     eps: float = 1e-5,
+    measure: Measure | None = None,
 ) -> tuple[nn.Module, str]:
     """Normalize a pruned model with the dense model as the single reference; ``auto`` = reset | repair | rescale.
 
-    Pass ``goals`` (e.g. ``compute_goals([dense], loader, max_samples=...)``) to reuse them across sparsities.
+    Pass ``goals`` (e.g. ``compute_goals([dense], loader, max_samples=...)``) to reuse them across sparsities;
+    ``measure`` asks for the result's statistics (:func:`vf_lightning.repair.normalize`).
     """
     name = auto_normalization(pruned) if normalization == "auto" else normalization
     status(f"normalization ({name})")
     out = normalize(pruned, name, loader, refs=[dense], weights=[1.0], max_samples=max_samples, sites=sites,
-                    goals=goals, eps=eps)
+                    goals=goals, eps=eps, measure=measure)
     return out, name
 
 

@@ -2,6 +2,7 @@
 
 from vf_lightning.repair.bias import bias_calibrate, bias_calibrate_merged, bias_depths, zero_bias
 from vf_lightning.repair.correct import (
+    Measure,
     affine_coefficients,
     affine_correct,
     calibration_inputs,
@@ -32,6 +33,7 @@ __all__ = [
     "NORMALIZATIONS",
     "WEIGHT_ONLY",
     "Goals",
+    "Measure",
     "NormContext",
     "affine_coefficients",
     "affine_correct",

@@ -8,6 +8,11 @@ forward pass in all), or, when those values would exceed ``VF_REPAIR_CACHE_MB`` 
 op reads a value something else reads too, one truncated forward pass per level. With ``max_samples`` the
 first ``max_samples`` inputs are cached on the CPU once, so every pass sees the same data even from a shuffled
 or augmented loader; without it the loader must yield the same data each time it is iterated.
+
+A :class:`Measure` passed along asks for the corrected model's output statistics at other sites (the variance
+ratio's) on the same data: sites whose statistics the walk already fixed (a corrected layer's output ``a·y + c``,
+a BatchNorm's output from its exact input statistics) cost nothing, others are read off the cached values; no
+extra pass over the data is made for them.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -24,12 +30,28 @@ from torch import nn
 from vf_lightning.align.graph import AFFINE_TYPES, GraphWalk, ModelGraph
 from vf_lightning.distributed import all_reduce_max
 from vf_lightning.repair.fold import fold_affine
-from vf_lightning.repair.goals import Goals
+from vf_lightning.repair.goals import Goals, batchnorm_affine
 from vf_lightning.repair.sites import SiteKind, SitePlan, batchnorm_sites, plan_sites
 from vf_lightning.stats import Moments, Scratch, accumulate_moments, channel_layout, iter_inputs, model_device
 
 AffineMethod = Literal["repair", "rescale", "reshift"]
 OutputHandler = Callable[[str, Moments], "tuple[torch.Tensor, torch.Tensor] | None"]
+Stats = tuple[torch.Tensor, torch.Tensor]  # per-channel float64 (mean, population variance)
+
+
+@dataclass
+class Measure:
+    """A request, passed to a sequential estimate (RESET, REPAIR, RESCALE, RESHIFT), for the output statistics of
+    the model it returns at ``sites`` on its calibration data, e.g. for the variance ratio after a normalization.
+
+    ``goals`` is filled from what the estimate's own pass already holds: a site it corrected, a BatchNorm whose
+    running statistics it set (its output follows through the BatchNorm's affine map), or any other node of its
+    cached walk. It stays ``None`` when some site would need another pass (a model too large to cache, or a
+    normalization that makes no statistics pass): measure those separately.
+    """
+
+    sites: Sequence[str]
+    goals: Goals | None = field(default=None, init=False)
 
 
 def calibration_inputs(loader: Iterable[object], max_samples: int | None) -> Iterable[object]:
@@ -55,32 +77,71 @@ def sequential_estimate(
     data: Iterable[object],
     on_output: OutputHandler,
     max_samples: int | None = None,
+    measure: Measure | None = None,
 ) -> SitePlan:
     """Walk the sites level by level in eval mode: BN sites get exact running stats, output sites go to ``on_output``.
 
     ``on_output(name, moments)`` returns the per-channel ``(scale, shift)`` it folded into that layer (or
     ``None`` if it left it unchanged); a BN fed directly by that layer then gets ``a·m + c`` and ``a²·v``.
+    ``measure`` gets the corrected model's statistics at its sites where this pass holds them (see
+    :class:`Measure`).
     """
     device = model_device(model)
     was_training = model.training
     model.eval()
+    fixed: dict[str, Stats] = {}  # each site's statistics once fixed: a layer's output, a BatchNorm's input
     try:
         plan = plan_sites(model, kinds, _first_input(data, device))
         modules = dict(model.named_modules())
         walk = _cached_walk(model, plan, data, device, max_samples)
         if walk is not None:
-            _walk_levels(walk, plan, kinds, modules, on_output)
-            return plan
-        for level, runner in zip(plan.levels, plan.runners):
-            outs = [n for n in level if kinds[n] == "output"]
-            bns = [n for n in level if kinds[n] == "bn"]
-            with accumulate_moments(model, outs) as out_m, accumulate_moments(model, bns, pre=True) as bn_m:
-                for x in iter_inputs(data, device, max_samples):
-                    runner(x)
-            _fix_level({**out_m, **bn_m}, kinds, plan, modules, on_output)
+            _walk_levels(walk, plan, kinds, modules, on_output, fixed)
+        else:
+            for level, runner in zip(plan.levels, plan.runners):
+                outs = [n for n in level if kinds[n] == "output"]
+                bns = [n for n in level if kinds[n] == "bn"]
+                with accumulate_moments(model, outs) as out_m, accumulate_moments(model, bns, pre=True) as bn_m:
+                    for x in iter_inputs(data, device, max_samples):
+                        runner(x)
+                _fix_level({**out_m, **bn_m}, kinds, plan, modules, on_output, fixed)
+        if measure is not None:
+            measure.goals = _measured(measure.sites, fixed, kinds, modules, walk)
     finally:
         model.train(was_training)
     return plan
+
+
+def _measured(sites: Sequence[str], fixed: dict[str, Stats], kinds: dict[str, SiteKind], modules: dict[str, nn.Module],
+              walk: GraphWalk | None) -> Goals | None:  # fmt: skip
+    """Output statistics at ``sites`` of the model the estimate fixed: a corrected site's from its fixed
+    statistics, a re-estimated BatchNorm's through its affine map (exact, float64), the rest off the walk's cached
+    values (reduced over ranks, the same sites on every rank); ``None`` if some site needs another pass."""
+    stats: dict[str, Stats] = {}
+    rest = []
+    for name in sites:
+        if name in fixed and kinds.get(name) == "output":
+            stats[name] = fixed[name]
+        elif name in fixed:  # a BatchNorm whose running statistics are its input's exact statistics
+            s, t = batchnorm_affine(modules[name])
+            mean, var = fixed[name]
+            stats[name] = (s * mean.to(s) + t, s * s * var.to(s))
+        else:
+            rest.append(name)
+    if rest:
+        if walk is None or any(len(walk.graph.calls(n)) != 1 for n in rest):
+            return None
+        nodes = [walk.graph.node_of(n) for n in rest]
+        moms: dict[str, Moments] = {}
+        scratch = Scratch()
+        for env in walk.envs:
+            for name, v in zip(rest, walk.compute(env, nodes)):
+                if name not in moms:
+                    moms[name] = Moments(v.shape[channel_layout(v)[0]], device=v.device)
+                moms[name].add(v, scratch=scratch)
+        for name, mom in moms.items():
+            mom.all_reduce()
+            stats[name] = (mom.mean, mom.var)
+    return Goals({n: stats[n][0] for n in sites}, {n: stats[n][1].clamp_min(0).sqrt() for n in sites})
 
 
 CACHE_BYTES = int(float(os.environ.get("VF_REPAIR_CACHE_MB", "2048")) * 2**20)
@@ -126,7 +187,7 @@ def _level_nodes(graph: ModelGraph, level: Sequence[str], kinds: dict[str, SiteK
 
 
 def _walk_levels(walk: GraphWalk, plan: SitePlan, kinds: dict[str, SiteKind], modules: dict[str, nn.Module],
-                 on_output: OutputHandler) -> None:  # fmt: skip
+                 on_output: OutputHandler, fixed: dict[str, Stats]) -> None:  # fmt: skip
     """The level loop of :func:`sequential_estimate` on cached values: each node runs once after the corrections
     upstream of it (a corrected Conv/Linear output is rescaled in place, ``a·y + c``, rather than recomputed)."""
     graph = walk.graph
@@ -141,7 +202,7 @@ def _walk_levels(walk: GraphWalk, plan: SitePlan, kinds: dict[str, SiteKind], mo
                     moms[name] = Moments(v.shape[channel_layout(v)[0]], device=v.device)
                 moms[name].add(v, scratch=scratch)
         stale = []
-        for name, (a, c) in _fix_level(moms, kinds, plan, modules, on_output).items():
+        for name, (a, c) in _fix_level(moms, kinds, plan, modules, on_output, fixed).items():
             node = graph.node_of(name)
             if isinstance(modules[name], AFFINE_TYPES):
                 for env in walk.envs:
@@ -153,22 +214,26 @@ def _walk_levels(walk: GraphWalk, plan: SitePlan, kinds: dict[str, SiteKind], mo
 
 
 def _fix_level(moms: dict[str, Moments], kinds: dict[str, SiteKind], plan: SitePlan, modules: dict[str, nn.Module],
-               on_output: OutputHandler) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+               on_output: OutputHandler, fixed: dict[str, Stats]) -> dict[str, Stats]:  # fmt: skip
     """One measured level: all-reduce its moments (in their order, the same on every rank), give BN sites their
     running statistics and output sites to ``on_output``, and a BN derived from an output site ``a·m + c`` and
-    ``a²·v``. Returns the ``(a, c)`` folded into each output site that ``on_output`` changed."""
+    ``a²·v``. Records what each site's statistics are now in ``fixed`` (an output site's corrected output, a BN's
+    input) and returns the ``(a, c)`` (per channel) folded into each output site that ``on_output`` changed."""
     for mom in moms.values():
         mom.all_reduce()
     folded = {}
     for name, mom in moms.items():
         if kinds[name] == "bn":
             _set_bn_stats(modules[name], mom.mean, mom.var)
+            fixed[name] = (mom.mean, mom.var)
             continue
         ac = on_output(name, mom)
         a, c = ac if ac is not None else (torch.ones_like(mom.mean), torch.zeros_like(mom.mean))
+        fixed[name] = (a * mom.mean + c, a * a * mom.var)
         for bn, src in plan.derived.items():
             if src == name:
-                _set_bn_stats(modules[bn], a * mom.mean + c, a * a * mom.var)
+                _set_bn_stats(modules[bn], *fixed[name])
+                fixed[bn] = fixed[name]
         if ac is not None:
             folded[name] = (a, c)
     return folded
@@ -191,18 +256,20 @@ def _set_bn_stats(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> None:
 
 def reset_bn_stats(
     model: nn.Module, loader: Iterable[object], max_samples: int | None = None, inplace: bool = False,
-    bn_sites: Sequence[str] | None = None,
+    bn_sites: Sequence[str] | None = None, measure: Measure | None = None,
 ) -> nn.Module:
     """RESET: every BatchNorm's (or only ``bn_sites``') running mean/var set to the exact population statistics
     of its eval-mode input.
 
     Layer by layer (upstream BNs already reset and in eval mode); no-op for models without BatchNorm.
+    ``measure``: see :class:`Measure`.
     """
     out = model if inplace else copy.deepcopy(model)
     names = batchnorm_sites(out) if bn_sites is None else list(bn_sites)
     if not names:
         return out
-    sequential_estimate(out, dict.fromkeys(names, "bn"), calibration_inputs(loader, max_samples), lambda n, m: None)
+    sequential_estimate(out, dict.fromkeys(names, "bn"), calibration_inputs(loader, max_samples), lambda n, m: None,
+                        measure=measure)  # fmt: skip
     return out
 
 
@@ -240,6 +307,7 @@ def affine_correct(
     bn_sites: Sequence[str] | None = None,
     inplace: bool = False,
     max_scale: float | None = None,
+    measure: Measure | None = None,
 ) -> nn.Module:
     """REPAIR / RESCALE / RESHIFT the outputs of ``sites`` (default: ``goals.sites``) towards ``goals``, folded in.
 
@@ -247,7 +315,7 @@ def affine_correct(
     Sites may be Conv/Linear layers or affine norm layers (their weight/bias absorb the correction). With
     ``reset_bn`` every other BatchNorm is also RESET in the same walk (as the reference's RESET pass does);
     otherwise stale running statistics would undo the correction. ``max_scale`` caps the scale ``a`` (dead
-    channels). Returns a plain model of the same class.
+    channels). ``measure``: see :class:`Measure`. Returns a plain model of the same class.
     """
     out = model if inplace else copy.deepcopy(model)
     names = list(sites) if sites is not None else goals.sites
@@ -265,5 +333,5 @@ def affine_correct(
         fold_affine(modules[name], a, c)
         return a, c
 
-    sequential_estimate(out, kinds, calibration_inputs(loader, max_samples), on_output)
+    sequential_estimate(out, kinds, calibration_inputs(loader, max_samples), on_output, measure=measure)
     return out

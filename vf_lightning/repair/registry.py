@@ -15,7 +15,7 @@ from torch import nn
 from vf_lightning.align.graph import ModelGraph
 from vf_lightning.registry import Registry
 from vf_lightning.repair.bias import bias_calibrate, bias_calibrate_merged, zero_bias
-from vf_lightning.repair.correct import affine_correct, calibration_inputs, reset_bn_stats
+from vf_lightning.repair.correct import Measure, affine_correct, calibration_inputs, reset_bn_stats
 from vf_lightning.repair.goals import Goals, compute_goals
 from vf_lightning.repair.sites import has_batchnorm, has_normalization
 
@@ -34,6 +34,7 @@ class NormContext:
     alpha: float = 0.5
     eps: float = 1e-5
     bn_sites: Sequence[str] | None = None  # the BatchNorms RESET re-estimates (None = all; PFM: the merged part)
+    measure: Measure | None = None  # output statistics wanted after the normalization (a statistics pass fills it)
 
     def need_data(self, name: str) -> Iterable[object]:
         if self.data is None:
@@ -62,7 +63,8 @@ def register_normalization(name: str, weights_only: bool = False) -> Callable[[N
     """Register a normalization ``fn(model, ctx) -> nn.Module`` under ``name``.
 
     A statistics normalization honours ``ctx.sites`` / ``ctx.bn_sites`` (so it also works on the merged part of
-    a Preserve-First Merging system); a ``weights_only`` one is applied to the plain merged model instead.
+    a Preserve-First Merging system) and may fill ``ctx.measure`` from its pass; a ``weights_only`` one is
+    applied to the plain merged model instead.
     """
     if weights_only:
         WEIGHT_ONLY.add(name)
@@ -90,14 +92,15 @@ def _none(model: nn.Module, ctx: NormContext) -> nn.Module:
 
 @register_normalization("reset")
 def _reset(model: nn.Module, ctx: NormContext) -> nn.Module:
-    return reset_bn_stats(model, ctx.need_data("reset"), max_samples=ctx.max_samples, bn_sites=ctx.bn_sites)
+    return reset_bn_stats(model, ctx.need_data("reset"), max_samples=ctx.max_samples, bn_sites=ctx.bn_sites,
+                          measure=ctx.measure)  # fmt: skip
 
 
 def _affine(method: str) -> Normalization:
     def run(model: nn.Module, ctx: NormContext) -> nn.Module:
         goals = ctx.resolve_goals(model, method)
         return affine_correct(model, goals, ctx.need_data(method), method, ctx.sites, ctx.max_samples,  # type: ignore[arg-type]
-                              ctx.eps, bn_sites=ctx.bn_sites)
+                              ctx.eps, bn_sites=ctx.bn_sites, measure=ctx.measure)
 
     return run
 
@@ -135,17 +138,20 @@ def normalize(
     alpha: float = 0.5,
     eps: float = 1e-5,
     bn_sites: Sequence[str] | None = None,
+    measure: Measure | None = None,
 ) -> nn.Module:
     """Apply normalization ``name`` (or ``auto``) to a merged or pruned model; returns a new plain model.
 
     ``refs``/``weights`` give the goal statistics (``[A, B']`` with ``[1−α, α]`` for a merge, ``[dense]`` for
     pruning); pass ``goals`` to reuse precomputed ones. ``average`` selects averaged goals; ``alpha`` is the
     merge coefficient for ``bias_calibration`` without references; ``eps`` is REPAIR/RESCALE's ``√(v+ε)``;
-    ``bn_sites`` limits which BatchNorms RESET re-estimates.
+    ``bn_sites`` limits which BatchNorms RESET re-estimates. ``measure`` asks for the result's output statistics
+    at its sites on the calibration data, filled (``measure.goals``) where the normalization's own pass holds them
+    (:class:`~vf_lightning.repair.correct.Measure`), else left ``None``.
     """
     if name == "auto":
         name = auto_normalization(model)
     fn = get_normalization(name)
     data = calibration_inputs(loader, max_samples) if loader is not None else None
-    ctx = NormContext(data, refs, weights, goals, sites, max_samples, average, alpha, eps, bn_sites)
+    ctx = NormContext(data, refs, weights, goals, sites, max_samples, average, alpha, eps, bn_sites, measure)
     return fn(model, ctx)

@@ -99,10 +99,18 @@ def _background_factory(item: pytest.Item) -> Any:
     return marker.kwargs["factory"] if marker is not None else None
 
 
+def _order(item: pytest.Item) -> int:
+    if _background_factory(item) is not None:
+        return 2
+    return 1 if item.get_closest_marker("kernels") is not None else 0
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that wait on a background job (tests/background.py) run after all the others."""
-    items[:] = [i for i in items if _background_factory(i) is None] + [i for i in items if _background_factory(i)]
+    """Tests bound by Python set-up (Lightning, W&B, subprocesses) run first, on one core beside the background
+    jobs (tests/background.py); then the ``kernels`` tests, whose torch kernels use both cores once the jobs are
+    done; last the tests that wait on a background job. The order is otherwise kept (the sort is stable)."""
+    items.sort(key=_order)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

@@ -25,6 +25,8 @@ from vf_lightning.align import (
 from vf_lightning.models import ModelConfig, build_model
 from vf_lightning.stats import Moments
 
+pytestmark = pytest.mark.kernels  # torch-kernel bound: run once the background jobs free a core
+
 wm_module = importlib.import_module("vf_lightning.align.weight_matching")  # the package exports the function
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -21,6 +21,8 @@ from vf_lightning.align import (
 )
 from vf_lightning.models import ModelConfig, available_models, build_model
 
+pytestmark = pytest.mark.kernels  # torch-kernel bound: run once the background jobs free a core
+
 NORMS = ("none", "bn", "ln", "fixup")
 
 

@@ -9,6 +9,8 @@ import torch
 
 from vf_lightning.models import ChannelLayerNorm, ModelConfig, available_models, build_model
 
+pytestmark = pytest.mark.kernels  # torch-kernel bound: run once the background jobs free a core
+
 NORMS = {"mlp": ["none"], "tv_vgg16": ["none", "bn"], "tv_resnet50": ["bn"], "vit": ["ln"]}
 for _a in available_models():
     if _a.startswith("vgg"):

@@ -25,6 +25,8 @@ from vf_lightning.merge.pfm import (
 from vf_lightning.models import ModelConfig, build_model
 from vf_lightning.stats import stream_moments
 
+pytestmark = pytest.mark.kernels  # torch-kernel bound: run once the background jobs free a core
+
 CASES = [("vgg11", "bn", 16), ("vgg11", "none", 16), ("resnet20", "bn", 8)]
 
 

@@ -130,15 +130,7 @@ def _measured(sites: Sequence[str], fixed: dict[str, Stats], kinds: dict[str, Si
     if rest:
         if walk is None or any(len(walk.graph.calls(n)) != 1 for n in rest):
             return None
-        nodes = [walk.graph.node_of(n) for n in rest]
-        moms: dict[str, Moments] = {}
-        scratch = Scratch()
-        for env in walk.envs:
-            for name, v in zip(rest, walk.compute(env, nodes)):
-                if name not in moms:
-                    moms[name] = Moments(v.shape[channel_layout(v)[0]], device=v.device)
-                moms[name].add(v, scratch=scratch)
-        for name, mom in moms.items():
+        for name, mom in _walk_moments(walk, rest, [walk.graph.node_of(n) for n in rest]).items():
             mom.all_reduce()
             stats[name] = (mom.mean, mom.var)
     return Goals({n: stats[n][0] for n in sites}, {n: stats[n][1].clamp_min(0).sqrt() for n in sites})
@@ -186,6 +178,18 @@ def _level_nodes(graph: ModelGraph, level: Sequence[str], kinds: dict[str, SiteK
     return out  # type: ignore[return-value]
 
 
+def _walk_moments(walk: GraphWalk, names: Sequence[str], nodes: Sequence[fx.Node]) -> dict[str, Moments]:
+    """Per-channel moments (this rank's) of each of ``nodes``' values over the walk's batches, keyed by ``names``."""
+    moms: dict[str, Moments] = {}
+    scratch = Scratch()
+    for env in walk.envs:
+        for name, v in zip(names, walk.compute(env, nodes)):
+            if name not in moms:
+                moms[name] = Moments(v.shape[channel_layout(v)[0]], device=v.device)
+            moms[name].add(v, scratch=scratch)
+    return moms
+
+
 def _walk_levels(walk: GraphWalk, plan: SitePlan, kinds: dict[str, SiteKind], modules: dict[str, nn.Module],
                  on_output: OutputHandler, fixed: dict[str, Stats]) -> None:  # fmt: skip
     """The level loop of :func:`sequential_estimate` on cached values: each node runs once after the corrections
@@ -193,14 +197,7 @@ def _walk_levels(walk: GraphWalk, plan: SitePlan, kinds: dict[str, SiteKind], mo
     graph = walk.graph
     for level in plan.levels:
         level = [n for n in level if kinds[n] == "output"] + [n for n in level if kinds[n] == "bn"]  # reduce order
-        nodes = _level_nodes(graph, level, kinds)
-        moms: dict[str, Moments] = {}
-        scratch = Scratch()
-        for env in walk.envs:
-            for name, v in zip(level, walk.compute(env, nodes)):
-                if name not in moms:
-                    moms[name] = Moments(v.shape[channel_layout(v)[0]], device=v.device)
-                moms[name].add(v, scratch=scratch)
+        moms = _walk_moments(walk, level, _level_nodes(graph, level, kinds))
         stale = []
         for name, (a, c) in _fix_level(moms, kinds, plan, modules, on_output, fixed).items():
             node = graph.node_of(name)

@@ -228,12 +228,17 @@ def test_variants_of_one_depth_share_one_prefix_pass_and_keep_their_own_results(
     for v, r in zip(variants, evaluate_variants(variants, batches, "cpu"), strict=True):
         single = evaluate(v, batches)
         assert r["acc"] == single["acc"] and r["loss"] == pytest.approx(single["loss"], abs=1e-5)
-    with pytest.raises(PFMError, match="share their preserved prefixes"):
+    with pytest.raises(PFMError, match="one depth"):
         PFMGroup([variants[0], merger.variant(4, "none")])
-    other = merger.variant(3, "none")
-    next(other.a.parameters()).add_(1.0)  # type: ignore[union-attr]
-    with pytest.raises(PFMError, match="share their preserved prefixes"):
-        PFMGroup([variants[0], other])
+    # another matching of the pair: A's prefix is A's own in both (shared), B's differs (one run each)
+    ident = PreserveFirstMerger(a, b, align(a, b, "identity", example_input=x[:2])).variant(3, "none")
+    changed = merger.variant(3, "none")
+    next(changed.b.parameters()).add_(1.0)  # type: ignore[union-attr]
+    mixed = [variants[0], ident, changed]
+    group = PFMGroup(mixed).eval()
+    assert (len(group.a_prefixes), len(group.b_prefixes)) == (1, 3)
+    for v, out in zip(mixed, group(x), strict=True):
+        assert torch.equal(out, v(x))
 
 
 @pytest.mark.parametrize("method", ["zip", "cca"])

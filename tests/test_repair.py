@@ -488,3 +488,21 @@ def test_measure_gives_the_normalized_models_statistics_without_a_pass(
         wanted = Measure(sites)
         normalize(merged, plain, loader, measure=wanted)
         assert wanted.goals is None
+
+
+def test_evaluation_and_statistics_leave_every_submodules_mode_as_it_was() -> None:
+    """A model whose parts are in different modes (e.g. a PFMGroup, in training mode, holding eval-mode variants)
+    gets each part's own mode back, not the root's."""
+    a, _ = _pair("vgg11", "bn")
+    loader = _loader()
+    model = nn.Sequential(a)  # the wrapper trains, the network inside is in eval mode
+    model.train()
+    a.eval()
+    modes = [m.training for m in model.modules()]
+    sites = default_correction_sites(a)
+    evaluate(model, loader)
+    inference_copy(model)
+    reference_stats([a], loader, sites)
+    evaluated_stats(a, list(loader), sites)
+    reset_bn_stats(a, loader, inplace=True)
+    assert [m.training for m in model.modules()] == modes

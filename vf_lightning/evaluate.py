@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vf_lightning.stats import model_device
+from vf_lightning.stats import eval_mode, model_device
 
 
 def _split_batch(batch: object) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,30 +47,25 @@ def evaluate_heads(
 def _evaluate(model: nn.Module, loader: Iterable[object], device: torch.device | str | None, max_samples: int | None,
               heads: bool) -> list[dict[str, float]]:  # fmt: skip
     dev = torch.device(device) if device is not None else model_device(model)
-    was_training = model.training
-    model.eval()
     correct: list[int] = []
     loss_sum: list[float] = []
     n = 0
-    try:
-        with torch.inference_mode():
-            for batch in loader:
-                x, y = _split_batch(batch)
-                if max_samples is not None:
-                    if n >= max_samples:
-                        break
-                    x, y = x[: max_samples - n], y[: max_samples - n]
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                out = model(x)
-                outputs = list(out) if heads else [out]
-                if not correct:
-                    correct, loss_sum = [0] * len(outputs), [0.0] * len(outputs)
-                for i, logits in enumerate(outputs):
-                    loss_sum[i] += F.cross_entropy(logits.float(), y, reduction="sum").item()
-                    correct[i] += int((logits.argmax(1) == y).sum().item())
-                n += y.shape[0]
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.inference_mode():
+        for batch in loader:
+            x, y = _split_batch(batch)
+            if max_samples is not None:
+                if n >= max_samples:
+                    break
+                x, y = x[: max_samples - n], y[: max_samples - n]
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            out = model(x)
+            outputs = list(out) if heads else [out]
+            if not correct:
+                correct, loss_sum = [0] * len(outputs), [0.0] * len(outputs)
+            for i, logits in enumerate(outputs):
+                loss_sum[i] += F.cross_entropy(logits.float(), y, reduction="sum").item()
+                correct[i] += int((logits.argmax(1) == y).sum().item())
+            n += y.shape[0]
     if n == 0:
         raise ValueError("evaluate got an empty loader; pass a loader with at least one batch")
     return [{"acc": c / n, "loss": s / n} for c, s in zip(correct, loss_sum)]

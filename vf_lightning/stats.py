@@ -585,6 +585,21 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """The models in eval mode while active; afterwards every submodule gets back its own mode (restoring only the
+    root's with ``model.train(was)`` would also set the children a caller had put in another mode)."""
+    modes = [[(m, m.training) for m in model.modules()] for model in models]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for saved in modes:
+            for m, training in saved:
+                m.training = training
+
+
+@contextmanager
 def accumulate_moments(model: nn.Module, names: Sequence[str], pre: bool = False) -> Iterator[dict[str, Moments]]:
     """While active, add the outputs (``pre=True``: first inputs) of the named submodules into per-site Moments.
 

@@ -272,14 +272,7 @@ class PFMModel(nn.Module):
     def pairs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Both prefixes' transition outputs, interleaved per channel: the merged part's inputs besides ``x``."""
         assert self.a is not None and self.b is not None, "the full merge (preserved = 0) has no prefixes"
-        ya, yb = self.a(x), self.b(x)
-        pairs = []
-        for i, lin in enumerate(self.linear):
-            if lin:  # Linear outputs: features on the last dim, interleaved A0, B0, A1, B1, ...
-                pairs.append(torch.stack([ya[i], yb[i]], -1).flatten(-2))
-            else:  # conv outputs: channels (dim 1) interleaved
-                pairs.append(torch.stack([ya[i], yb[i]], 2).flatten(1, 2))
-        return pairs
+        return _interleave(self.a(x), self.b(x), self.linear)
 
     def merged_sites(self, sites: Sequence[str] | None = None) -> list[str]:
         """Conv/linear outputs of the merged part (transitions included, output layers excluded), PFM names;
@@ -310,6 +303,17 @@ class PFMModel(nn.Module):
         return count_flops(self, example_input) / count_flops(base, example_input)
 
 
+def _interleave(ya: Sequence[torch.Tensor], yb: Sequence[torch.Tensor], linear: Sequence[bool]) -> list[torch.Tensor]:
+    """The prefixes' transition outputs interleaved per channel (A0, B0, A1, B1, ...), one tensor per transition."""
+    pairs = []
+    for i, lin in enumerate(linear):
+        if lin:  # Linear outputs: features on the last dim
+            pairs.append(torch.stack([ya[i], yb[i]], -1).flatten(-2))
+        else:  # conv outputs: channels (dim 1)
+            pairs.append(torch.stack([ya[i], yb[i]], 2).flatten(1, 2))
+    return pairs
+
+
 def _same_weights(m1: nn.Module | None, m2: nn.Module | None) -> bool:
     if m1 is None or m2 is None:
         return m1 is m2
@@ -318,10 +322,11 @@ def _same_weights(m1: nn.Module | None, m2: nn.Module | None) -> bool:
 
 
 class PFMGroup(nn.Module):
-    """PFM variants of one depth that differ only in their merged parts (normalizations of one system): the
-    forward runs the preserved prefixes once, then every merged part, and returns one logits tensor per variant
-    (evaluate with :func:`vf_lightning.evaluate.evaluate_heads`). At depth ``k`` the prefixes are most of the
-    system's cost (all of it for the ensemble), so ``n`` variants cost about one prefix pass plus ``n`` suffixes."""
+    """PFM variants of one depth evaluated in one pass: every distinct preserved prefix runs once per batch, then
+    every merged part; the forward returns one logits tensor per variant (evaluate with
+    :func:`vf_lightning.evaluate.evaluate_heads`). The normalizations of one system share both prefixes, and the
+    matchings of one pair usually share A's (B is aligned to A, so A's preserved layers and transitions keep A's
+    weights). At depth ``k`` the prefixes are most of a system's cost (all of it for the ensemble)."""
 
     def __init__(self, variants: Sequence[PFMModel]) -> None:
         super().__init__()
@@ -329,18 +334,39 @@ class PFMGroup(nn.Module):
             raise PFMError("PFMGroup needs at least one PFM variant")
         first = variants[0]
         for v in variants[1:]:
-            if (v.transitions != first.transitions or v.linear != first.linear or not _same_weights(v.a, first.a)
-                    or not _same_weights(v.b, first.b)):  # fmt: skip
-                raise PFMError("PFMGroup: the variants must share their preserved prefixes (one depth, the same "
-                               "prefix weights); normalize only the merged part (PreserveFirstMerger.variant)")
+            if v.transitions != first.transitions or v.linear != first.linear or (v.a is None) != (first.a is None):
+                raise PFMError("PFMGroup: the variants must have one depth (the same transition layers); "
+                               f"got {first.transitions} and {v.transitions}")  # fmt: skip
         self.variants = nn.ModuleList(variants)
+        self.a_prefixes, self.b_prefixes = nn.ModuleList(), nn.ModuleList()
+        self.index: list[tuple[int, int]] = []  # per variant: its A and B prefixes among the distinct ones
+        if first.a is not None:
+            for v in variants:
+                assert v.a is not None and v.b is not None
+                self.index.append((_distinct(self.a_prefixes, v.a), _distinct(self.b_prefixes, v.b)))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        first: PFMModel = self.variants[0]  # type: ignore[assignment]
-        if first.a is None:
+        if not self.index:
             return [v(x) for v in self.variants]
-        pairs = first.pairs(x)
-        return [v.merged(x, *pairs) for v in self.variants]  # type: ignore[operator]
+        ya = [p(x) for p in self.a_prefixes]
+        yb = [p(x) for p in self.b_prefixes]
+        linear = self.variants[0].linear  # type: ignore[union-attr]
+        pairs: dict[tuple[int, int], list[torch.Tensor]] = {}
+        out = []
+        for v, (i, j) in zip(self.variants, self.index):
+            if (i, j) not in pairs:
+                pairs[(i, j)] = _interleave(ya[i], yb[j], linear)  # type: ignore[arg-type]
+            out.append(v.merged(x, *pairs[(i, j)]))  # type: ignore[operator]
+        return out
+
+
+def _distinct(kept: nn.ModuleList, prefix: nn.Module) -> int:
+    """The index in ``kept`` of a prefix with ``prefix``'s weights, appending ``prefix`` if none has them."""
+    for i, other in enumerate(kept):
+        if _same_weights(other, prefix):
+            return i
+    kept.append(prefix)
+    return len(kept) - 1
 
 
 def evaluate_variants(variants: Sequence[PFMModel], batches: Sequence[tuple[torch.Tensor, torch.Tensor]],

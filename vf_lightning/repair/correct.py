@@ -32,7 +32,15 @@ from vf_lightning.distributed import all_reduce_max
 from vf_lightning.repair.fold import fold_affine
 from vf_lightning.repair.goals import Goals, batchnorm_affine
 from vf_lightning.repair.sites import SiteKind, SitePlan, batchnorm_sites, plan_sites
-from vf_lightning.stats import Moments, Scratch, accumulate_moments, channel_layout, iter_inputs, model_device
+from vf_lightning.stats import (
+    Moments,
+    Scratch,
+    accumulate_moments,
+    channel_layout,
+    eval_mode,
+    iter_inputs,
+    model_device,
+)
 
 AffineMethod = Literal["repair", "rescale", "reshift"]
 OutputHandler = Callable[[str, Moments], "tuple[torch.Tensor, torch.Tensor] | None"]
@@ -87,10 +95,8 @@ def sequential_estimate(
     :class:`Measure`).
     """
     device = model_device(model)
-    was_training = model.training
-    model.eval()
     fixed: dict[str, Stats] = {}  # each site's statistics once fixed: a layer's output, a BatchNorm's input
-    try:
+    with eval_mode(model):
         plan = plan_sites(model, kinds, _first_input(data, device))
         modules = dict(model.named_modules())
         walk = _cached_walk(model, plan, data, device, max_samples)
@@ -106,8 +112,6 @@ def sequential_estimate(
                 _fix_level({**out_m, **bn_m}, kinds, plan, modules, on_output, fixed)
         if measure is not None:
             measure.goals = _measured(measure.sites, fixed, kinds, modules, walk)
-    finally:
-        model.train(was_training)
     return plan
 
 

@@ -16,6 +16,7 @@ from vf_lightning.align.graph import ModelGraph
 from vf_lightning.align.spec import UnsupportedOpError
 from vf_lightning.repair.sites import AFFINE_TYPES
 from vf_lightning.statedict import ensure_biases
+from vf_lightning.stats import eval_mode
 
 __all__ = ["ensure_biases", "fold_affine", "foldable_batchnorms", "inference_copy", "replace_submodule"]
 
@@ -90,14 +91,11 @@ def inference_copy(model: nn.Module) -> nn.Module:
     replaced by an ``Identity``. Same function up to float32 rounding, one memory-bound pass less per BatchNorm
     (12–15 % of a small BN conv net's inference on CPU). ``model`` itself is not changed; it is returned as it
     is (in eval mode) when nothing folds or it cannot be traced."""
-    was_training = model.training
-    model.eval()
-    try:
-        pairs = foldable_batchnorms(model)
-    except UnsupportedOpError:  # an untraceable model is evaluated as it is
-        pairs = []
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            pairs = foldable_batchnorms(model)
+        except UnsupportedOpError:  # an untraceable model is evaluated as it is
+            pairs = []
     if not pairs:
         return model.eval()
     out = copy.deepcopy(model).eval()

@@ -17,7 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from vf_lightning.align.graph import ModelGraph
 from vf_lightning.align.spec import UnsupportedOpError
 from vf_lightning.evaluate import evaluate
-from vf_lightning.stats import Moments, accumulate_moments, stream_moments
+from vf_lightning.stats import Moments, accumulate_moments, eval_mode, stream_moments
 
 
 @dataclass(frozen=True)
@@ -66,17 +66,11 @@ def reference_stats(
     if not models:
         raise ValueError("reference_stats needs at least one reference model")
     names = list(sites) if sites is not None else ModelGraph.of(models[0]).correction_sites()
-    modes = [m.training for m in models]
-    for m in models:
-        m.eval()
-    try:
+    with eval_mode(*models):
         derived = affine_derived_sites(models[0], names)
         measured = [n for n in names if n not in derived]
         moments = stream_moments(models, [measured] * len(models), loader, max_samples=max_samples)
         return [_goals(model, names, derived, mom) for model, mom in zip(models, moments)]
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
 
 
 def evaluated_stats(model: nn.Module, batches: Iterable[object], sites: Sequence[str],
@@ -86,9 +80,7 @@ def evaluated_stats(model: nn.Module, batches: Iterable[object], sites: Sequence
     with a pass each). Statistics are reduced across DDP ranks like :func:`reference_stats`'s; the metrics are
     this rank's."""
     names = list(sites)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         derived = affine_derived_sites(model, names)
         measured = [n for n in names if n not in derived]
         with accumulate_moments(model, measured) as store:
@@ -97,8 +89,6 @@ def evaluated_stats(model: nn.Module, batches: Iterable[object], sites: Sequence
             for mom in store.values():
                 mom.all_reduce()
         return metrics, _goals(model, names, derived, store)
-    finally:
-        model.train(was_training)
 
 
 def _goals(model: nn.Module, names: Sequence[str], derived: dict[str, str], moments: dict[str, Moments]) -> Goals:

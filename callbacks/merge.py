@@ -23,7 +23,7 @@ from torch import nn
 from vf_lightning.diagnostics import vf_profile, vf_ratio
 from vf_lightning.distributed import all_reduce_sum, is_distributed
 from vf_lightning.merge import barrier
-from vf_lightning.merge.pfm import PFMModel, evaluate_variants, max_preserved, pfm_sweep
+from vf_lightning.merge.pfm import PFMModel, PFMSource, evaluate_variants, max_preserved, pfm_sweep
 from vf_lightning.merge.session import (
     GENERAL_MATCHINGS,
     NO_GOALS,
@@ -389,20 +389,15 @@ class PFMCallback(_Merging):
         bad = [k for k in depths if k > top]
         if bad:
             raise ValueError(f"PFMCallback: preserve {bad} exceeds this model's {top} preservable layers")
-        rows: list[dict[str, Any]] = []
         rep = self.report(self._trainer) if validate and self._trainer is not None else None
         with self.steps(len(self.matchings) * len(depths) * len(self.normalizations)) as bar:
-            for matching in self.matchings:
-                rows += self._sweep(s, matching, depths, rep, bar)
-        return rows
+            return self._sweep(s, depths, rep, bar)
 
-    def _sweep(self, s: MergeSession, matching: str, depths: list[int], rep: RunReport | None,
-               bar: Steps) -> list[dict[str, Any]]:  # fmt: skip
-        """PFM rows of one matching over ``depths`` × normalizations (each variant offered for merged_pfm.pt)."""
+    def _sweep(self, s: MergeSession, depths: list[int], rep: RunReport | None, bar: Steps) -> list[dict[str, Any]]:
+        """PFM rows of every matching over ``depths`` × normalizations, depth by depth (a depth's variants of every
+        matching evaluated in one pass; each variant offered for merged_pfm.pt)."""
         a, b = s.models
         example = s.data.example()
-        res = s.alignment(matching)
-
         selected: dict[int, float] = {}  # validation-half accuracy of each variant of the depth being swept
 
         def evaluate(variants: Sequence[PFMModel]) -> list[dict[str, float]]:
@@ -413,23 +408,26 @@ class PFMCallback(_Merging):
                     selected.update({id(v): r["acc"] for v, r in zip(variants, scores)})
                 return evaluate_variants(variants, s.data.eval, s.data.device)
 
-        def keep(pfm: nn.Module, row: dict[str, Any], matching: str = matching) -> None:
-            bar.advance(f"{matching}/{row['normalization']}/k={row['preserved_layers']}", acc=row["acc"],
-                        params_ratio=row["params_ratio"])  # fmt: skip
+        def keep(pfm: nn.Module, row: dict[str, Any]) -> None:
+            name = f"{row['matching']}/{row['normalization']}/k={row['preserved_layers']}"
+            bar.advance(name, acc=row["acc"], params_ratio=row["params_ratio"])
             if rep is None or s.data.select is None:
                 return
             score = selected.pop(id(pfm))
-            rep.offer("merged_pfm", score, pfm, f"{matching}/{row['normalization']}/k={row['preserved_layers']}",
-                      val_acc=score, test_acc=row["acc"], preserved_layers=row["preserved_layers"],
-                      params_ratio=row["params_ratio"], flops_ratio=row["flops_ratio"])  # fmt: skip
+            rep.offer("merged_pfm", score, pfm, name, val_acc=score, test_acc=row["acc"],
+                      preserved_layers=row["preserved_layers"], params_ratio=row["params_ratio"],
+                      flops_ratio=row["flops_ratio"])  # fmt: skip
 
-        merge = s.merge(matching, 0.5)
-        # the session's statistics sites cover every non-output conv/linear, i.e. any depth's merged part
-        goals = s.goals(merge, s.stat_sites) if any(n not in NO_GOALS for n in self.normalizations) else None
+        sources = {}
+        for matching in self.matchings:
+            merge = s.merge(matching, 0.5)
+            # the session's statistics sites cover every non-output conv/linear, i.e. any depth's merged part
+            goals = s.goals(merge, s.stat_sites) if any(n not in NO_GOALS for n in self.normalizations) else None
+            sources[matching] = PFMSource(s.alignment(matching), goals, merge.model)
         with s.timer.phase("pfm"):
-            found = pfm_sweep(a, b, res, depths, self.normalizations, s.data.calib, evaluate, example,
-                              on_variant=keep, goals=goals, sites=s.fix_sites, merged=merge.model)  # fmt: skip
-        return [{"matching": matching, "alpha": 0.5, **r} for r in found]
+            found = pfm_sweep(a, b, sources, depths, self.normalizations, s.data.calib, evaluate, example,
+                              on_variant=keep, sites=s.fix_sites)  # fmt: skip
+        return [{"matching": r["matching"], "alpha": 0.5, **r} for r in found]
 
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, data: SessionData) -> None:
         s = self.pair_session(trainer, pl_module, data, "Preserve-First Merging is")

@@ -14,6 +14,7 @@ from vf_lightning.merge.pfm import (
     PFMError,
     PFMGroup,
     PFMModel,
+    PFMSource,
     PreserveFirstMerger,
     build_pfm,
     evaluate_variants,
@@ -206,6 +207,37 @@ def test_sweep_reuses_one_goal_statistics_pass(monkeypatch: pytest.MonkeyPatch) 
     assert len({(r["acc"], round(r["loss"], 6)) for r in ens}) == 1  # nothing left to normalize in the ensemble
     assert [r["params_ratio"] for r in rows if r["normalization"] == "none"] == sorted(
         r["params_ratio"] for r in rows if r["normalization"] == "none")
+
+
+@torch.no_grad()
+def test_sweep_over_several_matchings_evaluates_each_depth_once_and_equals_the_single_sweeps() -> None:
+    a, b = _pair(_cfg("vgg11", "bn", 16))
+    x, loader = _x(16), _loader(16)
+    batches = list(loader)
+    aligned = {m: align(a, b, m, example_input=x[:2]) for m in ("identity", "weight")}
+    groups: list[PFMGroup] = []
+
+    def evaluate_fn(variants: list[PFMModel]) -> list[dict[str, float]]:
+        groups.append(PFMGroup(variants))
+        return evaluate_variants(variants, batches, "cpu")
+
+    depths, norms = [3, 9], ["none", "reset"]
+    rows = pfm_sweep(a, b, {m: PFMSource(al) for m, al in aligned.items()}, depths, norms, loader, evaluate_fn,
+                     x[:1], max_samples=24)  # fmt: skip
+    assert len(groups) == len(depths)  # one evaluation per depth, covering both matchings
+    # A's prefix is A's own for both matchings; B's differ by the permutation of the transition outputs, except
+    # at the ensemble depth (the transition is the output layer: nothing permuted), where everything is shared
+    assert [(len(g.a_prefixes), len(g.b_prefixes)) for g in groups] == [(1, 2), (1, 1)]
+    assert [(r["matching"], r["preserved_layers"]) for r in rows] == [
+        (m, k) for m in aligned for k in depths for _ in norms]
+    for m, al in aligned.items():
+        single = pfm_sweep(a, b, al, depths, norms, loader, lambda vs: evaluate_variants(vs, batches, "cpu"), x[:1],
+                           max_samples=24)  # fmt: skip
+        mine = [r for r in rows if r["matching"] == m]
+        for r1, r2 in zip(mine, single, strict=True):
+            assert (r1["preserved_layers"], r1["normalization"], r1["acc"]) == (
+                r2["preserved_layers"], r2["normalization"], r2["acc"])
+            assert r1["loss"] == pytest.approx(r2["loss"], abs=1e-6)
 
 
 @pytest.mark.parametrize("arch,norm,size", [("vgg11", "bn", 16), ("resnet20", "bn", 8)])

@@ -537,10 +537,20 @@ def pfm_goals_for(goals: Goals, pfm: PFMModel, sites: Sequence[str] | None = Non
 # sweep
 
 
+@dataclass
+class PFMSource:
+    """One matching of the pair for :func:`pfm_sweep`: its alignment and, from a merge session, optionally its goal
+    statistics (keyed by base-model names) and plain merged model."""
+
+    alignment: AlignmentResult
+    goals: Goals | None = None
+    merged: nn.Module | None = None
+
+
 def pfm_sweep(
     model_a: nn.Module,
     model_b: nn.Module,
-    alignment: AlignmentResult,
+    alignment: AlignmentResult | Mapping[str, PFMSource],
     preserved_list: Sequence[int],
     normalizations: Sequence[str],
     calib_loader: Iterable[object] | None,
@@ -558,39 +568,51 @@ def pfm_sweep(
 
     Rows ``{"preserved_layers", "normalization", "acc", "loss", "params_ratio", "flops_ratio", "seconds"}``
     (``seconds`` = building and normalizing the variant, without evaluation). ``evaluate_fn(variants)`` gets the
-    variants of one depth (one per normalization, sharing their preserved prefixes) and returns one
-    ``{"acc", "loss"}`` per variant (:func:`evaluate_variants` runs them in one pass); ``on_variant(pfm, row)``
-    sees each variant (e.g. to keep or save the best one).
-    ``goals`` (keyed by base-model names, covering :meth:`PreserveFirstMerger.goal_sites`), ``sites`` (the
-    correction sites) and ``merged`` (the plain merged model) may come from a merge session.
+    variants of one depth and returns one ``{"acc", "loss"}`` per variant (:func:`evaluate_variants` runs them in
+    one pass, each distinct preserved prefix once); ``on_variant(pfm, row)`` sees each variant (e.g. to keep or
+    save the best one). ``goals`` (keyed by base-model names, covering :meth:`PreserveFirstMerger.goal_sites`),
+    ``sites`` (the correction sites) and ``merged`` (the plain merged model) may come from a merge session.
+    ``alignment`` may also be ``{matching: PFMSource}``: several matchings of the pair swept depth by depth, a
+    depth's variants of every matching evaluated together (they share A's prefix); rows then carry ``matching``,
+    in matching order.
     """
-    merger = PreserveFirstMerger(model_a, model_b, alignment, merged)
+    several = not isinstance(alignment, AlignmentResult)
+    sources = {"": PFMSource(alignment, goals, merged)} if isinstance(alignment, AlignmentResult) else dict(alignment)
     for n in normalizations:
         get_normalization(n)
-    for k in preserved_list:
-        merger.layout.check(k)
+    mergers = {name: PreserveFirstMerger(model_a, model_b, src.alignment, src.merged) for name, src in sources.items()}
+    for merger in mergers.values():
+        for k in preserved_list:
+            merger.layout.check(k)
     data = calibration_inputs(calib_loader, max_samples) if calib_loader is not None else None
-    if goals is None and data is not None and any(n not in ("none", "reset", *WEIGHT_ONLY) for n in normalizations):
-        goals = merger.goals(data, None, one_ref)
+    need = any(n not in ("none", "reset", *WEIGHT_ONLY) for n in normalizations)
+    goal_of = {name: src.goals for name, src in sources.items()}
+    for name, src in sources.items():
+        if src.goals is None and need and data is not None:
+            goal_of[name] = mergers[name].goals(data, None, one_ref)
     base_flops = count_flops(model_a, example_input)
     base_params = count_params(model_a)
     rows: list[dict[str, Any]] = []
     for k in preserved_list:
         built = []
-        for norm in normalizations:
-            t0 = time.perf_counter()
-            pfm = merger.variant(k, norm, data, goals, None, one_ref, eps, sites)
-            built.append((norm, pfm, time.perf_counter() - t0))
-        first = built[0][1]
+        for name, merger in mergers.items():
+            for norm in normalizations:
+                t0 = time.perf_counter()
+                pfm = merger.variant(k, norm, data, goal_of[name], None, one_ref, eps, sites)
+                built.append((name, norm, pfm, time.perf_counter() - t0))
+        first = built[0][2]
         ratios = (count_params(first) / base_params, count_flops(first, example_input) / base_flops)
-        results = evaluate_fn([pfm for _, pfm, _ in built])
-        for (norm, pfm, seconds), res in zip(built, results, strict=True):
-            row = {"preserved_layers": k, "normalization": norm, "acc": float(res["acc"]),
-                   "loss": float(res["loss"]), "params_ratio": ratios[0], "flops_ratio": ratios[1],
-                   "seconds": seconds}
+        results = evaluate_fn([pfm for _, _, pfm, _ in built])
+        for (name, norm, pfm, seconds), res in zip(built, results, strict=True):
+            row = {**({"matching": name} if several else {}), "preserved_layers": k, "normalization": norm,
+                   "acc": float(res["acc"]), "loss": float(res["loss"]), "params_ratio": ratios[0],
+                   "flops_ratio": ratios[1], "seconds": seconds}  # fmt: skip
             rows.append(row)
             if on_variant is not None:
                 on_variant(pfm, row)
+    if several:
+        order = list(sources)
+        rows.sort(key=lambda r: order.index(r["matching"]))  # stable: depth order within each matching
     return rows
 
 

@@ -230,6 +230,9 @@ def test_sweep_over_several_matchings_evaluates_each_depth_once_and_equals_the_s
     assert [(len(g.a_prefixes), len(g.b_prefixes)) for g in groups] == [(1, 2), (1, 1)]
     assert [(r["matching"], r["preserved_layers"]) for r in rows] == [
         (m, k) for m in aligned for k in depths for _ in norms]
+    with pytest.raises(PFMError, match="in its PFMSource"):
+        pfm_sweep(a, b, {"weight": PFMSource(aligned["weight"])}, depths, norms, loader, evaluate_fn, x[:1],
+                  merged=a)  # fmt: skip
     for m, al in aligned.items():
         single = pfm_sweep(a, b, al, depths, norms, loader, lambda vs: evaluate_variants(vs, batches, "cpu"), x[:1],
                            max_samples=24)  # fmt: skip

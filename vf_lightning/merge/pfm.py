@@ -577,6 +577,8 @@ def pfm_sweep(
     in matching order.
     """
     several = not isinstance(alignment, AlignmentResult)
+    if several and (goals is not None or merged is not None):
+        raise PFMError("pfm_sweep over several matchings takes each one's goals and merged model in its PFMSource")
     sources = {"": PFMSource(alignment, goals, merged)} if isinstance(alignment, AlignmentResult) else dict(alignment)
     for n in normalizations:
         get_normalization(n)

@@ -492,7 +492,10 @@ def test_measure_gives_the_normalized_models_statistics_without_a_pass(
 
 def test_evaluation_and_statistics_leave_every_submodules_mode_as_it_was() -> None:
     """A model whose parts are in different modes (e.g. a PFMGroup, in training mode, holding eval-mode variants)
-    gets each part's own mode back, not the root's."""
+    gets each part's own mode back, not the root's (evaluation, statistics passes, spec tracing, FLOP count)."""
+    from vf_lightning.align import build_permutation_spec, check_permutation_invariance
+    from vf_lightning.diagnostics import count_flops
+
     a, _ = _pair("vgg11", "bn")
     loader = _loader()
     model = nn.Sequential(a)  # the wrapper trains, the network inside is in eval mode
@@ -505,4 +508,8 @@ def test_evaluation_and_statistics_leave_every_submodules_mode_as_it_was() -> No
     reference_stats([a], loader, sites)
     evaluated_stats(a, list(loader), sites)
     reset_bn_stats(a, loader, inplace=True)
+    x = next(iter(loader))[0][:2]
+    spec = build_permutation_spec(model, x)
+    check_permutation_invariance(model, spec, x)
+    count_flops(model, x)
     assert [m.training for m in model.modules()] == modes

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from vf_lightning.align.spec import PermAxis, PermutationSpec
+from vf_lightning.stats import eval_mode
 
 Perms = dict[str, torch.Tensor]
 
@@ -122,12 +123,8 @@ def check_spec_matches(spec: PermutationSpec, model: nn.Module) -> None:
 def check_permutation_invariance(model: nn.Module, spec: PermutationSpec, example_input: torch.Tensor,
                                  seed: int = 0) -> float:
     """Permute every group at random and return max |Δlogit| between the original and the permuted model (eval)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         permuted = apply_permutation(model, spec, random_perms(spec, seed)).eval()
         ref = model(example_input)
         out = permuted(example_input)
-    finally:
-        model.train(was_training)
     return float((ref - out).abs().max())

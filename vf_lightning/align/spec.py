@@ -32,6 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from vf_lightning.models.layers import ChannelLayerNorm
+from vf_lightning.stats import eval_mode
 
 AFFINE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 NORM_TYPES: tuple[type[nn.Module], ...] = (_BatchNorm, nn.LayerNorm, nn.GroupNorm, _InstanceNorm)
@@ -1291,9 +1292,7 @@ def build_permutation_spec(model: nn.Module, example_input: torch.Tensor,
     """
     gm = graph if graph is not None else trace(model)
     splits: dict[tuple[str, int], int] = {}
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for _ in range(64):  # each retrace chunks one more fused projection (q / k / v)
             tracer = _SpecTracer(gm, model, splits)
             try:
@@ -1307,5 +1306,3 @@ def build_permutation_spec(model: nn.Module, example_input: torch.Tensor,
                 continue
             return tracer.build()
         raise UnsupportedOpError("too many fused projections to chunk")
-    finally:
-        model.train(was_training)

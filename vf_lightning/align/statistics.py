@@ -29,6 +29,7 @@ from vf_lightning.stats import (
     channel_matrix,
     channel_rows,
     compute_dtype,
+    eval_mode,
     gram,
     is_distributed,
     iter_inputs,
@@ -373,10 +374,7 @@ def activation_statistics(
         for g in spec.groups
     }
     totals = {k: _SiteTotal([stats[name] for name in names], full) for k, names in site_groups.items()}
-    modes = (model_a.training, model_b.training)
-    model_a.eval()
-    model_b.eval()
-    try:
+    with eval_mode(model_a, model_b):
         rec = _PairRecorder(dtype, full)
 
         def take(side: int, k: SiteKey, t: torch.Tensor) -> None:
@@ -392,9 +390,6 @@ def activation_statistics(
                 model_b(x)
                 for k in site_groups:
                     totals[k].add(rec.batch(k))  # type: ignore[arg-type]
-    finally:
-        model_a.train(modes[0])
-        model_b.train(modes[1])
     for total in totals.values():
         total.flush()
     for st in stats.values():

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from vf_lightning.stats import eval_mode
+
 
 def count_params(model: nn.Module, nonzero: bool = False) -> int:
     """Number of (distinct) parameters; with ``nonzero`` only the non-zero entries (pruned models)."""
@@ -20,11 +22,6 @@ def count_params(model: nn.Module, nonzero: bool = False) -> int:
 
 def count_flops(model: nn.Module, example_input: torch.Tensor) -> int:
     """FLOPs of one forward pass on ``example_input`` (a multiply-add counts 2), in eval mode without grad."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(example_input)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(example_input)
     return int(counter.get_total_flops())

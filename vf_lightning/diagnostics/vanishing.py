@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from vf_lightning.stats import iter_inputs, model_device
+from vf_lightning.stats import eval_mode, iter_inputs, model_device
 
 VF_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, _BatchNorm, nn.LayerNorm)
 
@@ -50,21 +50,19 @@ def vf_profile(
 
         return hook
 
-    was_training = model.training
-    model.eval()
     handles = [modules[n].register_forward_hook(make_hook(n)) for n in names]
     n = 0
     try:
-        for x in iter_inputs(loader, device, max_samples):
-            if state["zero"]:
-                model(torch.zeros_like(x[:1]))
-                state["zero"] = False
-            model(x)
-            n += x.shape[0]
+        with eval_mode(model):
+            for x in iter_inputs(loader, device, max_samples):
+                if state["zero"]:
+                    model(torch.zeros_like(x[:1]))
+                    state["zero"] = False
+                model(x)
+                n += x.shape[0]
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     if n == 0:
         raise ValueError("vf_profile got an empty loader")
     return {name: sums[name] / n for name in order}

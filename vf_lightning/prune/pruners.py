@@ -21,7 +21,7 @@ from torch.nn.utils import prune
 
 from vf_lightning.progress import status
 from vf_lightning.registry import Registry
-from vf_lightning.stats import model_device
+from vf_lightning.stats import eval_mode, model_device
 
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 Modules = list[tuple[str, nn.Module]]
@@ -96,8 +96,6 @@ def diag_fisher(model: nn.Module, modules: Modules, loader: Iterable[object] | N
     if loader is None:
         raise ValueError("diag_fisher needs a labelled loader (loader=...)")
     device = model_device(model)
-    was_training = model.training
-    model.eval()
     names = {id(m): n for n, m in model.named_modules()}
     keys = [f"{names[id(m)]}.weight" for _, m in modules]
     params = dict(model.named_parameters())
@@ -111,7 +109,7 @@ def diag_fisher(model: nn.Module, modules: Modules, loader: Iterable[object] | N
     per_sample = vmap(grad(loss), in_dims=(None, 0, 0))
     fisher = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in targets.items()}
     n = 0
-    try:
+    with eval_mode(model):
         for batch in loader:
             if n >= fisher_samples:
                 break
@@ -124,8 +122,6 @@ def diag_fisher(model: nn.Module, modules: Modules, loader: Iterable[object] | N
                     fisher[k] += g.double().pow(2).sum(0)
             n += x.shape[0]
             status(f"Fisher {min(n, fisher_samples)}/{fisher_samples} samples")
-    finally:
-        model.train(was_training)
     if n == 0:
         raise ValueError("diag_fisher got an empty loader")
     return {k.rsplit(".", 1)[0]: (v / n).to(targets[k].dtype) for k, v in fisher.items()}

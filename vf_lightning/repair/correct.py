@@ -30,7 +30,7 @@ from torch import nn
 from vf_lightning.align.graph import AFFINE_TYPES, GraphWalk, ModelGraph
 from vf_lightning.distributed import all_reduce_max
 from vf_lightning.repair.fold import fold_affine
-from vf_lightning.repair.goals import Goals, batchnorm_affine
+from vf_lightning.repair.goals import Goals, batchnorm_output
 from vf_lightning.repair.sites import SiteKind, SitePlan, batchnorm_sites, plan_sites
 from vf_lightning.stats import (
     Moments,
@@ -120,15 +120,14 @@ def _measured(sites: Sequence[str], fixed: dict[str, Stats], kinds: dict[str, Si
     """Output statistics at ``sites`` of the model the estimate fixed: a corrected site's from its fixed
     statistics, a re-estimated BatchNorm's through its affine map (exact, float64), the rest off the walk's cached
     values (reduced over ranks, the same sites on every rank); ``None`` if some site needs another pass."""
-    stats: dict[str, Stats] = {}
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # (mean, std)
     rest = []
     for name in sites:
-        if name in fixed and kinds.get(name) == "output":
-            stats[name] = fixed[name]
-        elif name in fixed:  # a BatchNorm whose running statistics are its input's exact statistics
-            s, t = batchnorm_affine(modules[name])
+        if name in fixed:
             mean, var = fixed[name]
-            stats[name] = (s * mean.to(s) + t, s * s * var.to(s))
+            std = var.clamp_min(0).sqrt()
+            # a BatchNorm site's fixed statistics are its input's: its running statistics, its output follows
+            stats[name] = (mean, std) if kinds.get(name) == "output" else batchnorm_output(modules[name], mean, std)
         else:
             rest.append(name)
     if rest:
@@ -136,8 +135,8 @@ def _measured(sites: Sequence[str], fixed: dict[str, Stats], kinds: dict[str, Si
             return None
         for name, mom in _walk_moments(walk, rest, [walk.graph.node_of(n) for n in rest]).items():
             mom.all_reduce()
-            stats[name] = (mom.mean, mom.var)
-    return Goals({n: stats[n][0] for n in sites}, {n: stats[n][1].clamp_min(0).sqrt() for n in sites})
+            stats[name] = (mom.mean, mom.std)
+    return Goals({n: stats[n][0] for n in sites}, {n: stats[n][1] for n in sites})
 
 
 CACHE_BYTES = int(float(os.environ.get("VF_REPAIR_CACHE_MB", "2048")) * 2**20)

@@ -97,10 +97,15 @@ def _goals(model: nn.Module, names: Sequence[str], derived: dict[str, str], mome
     mean = {n: moments[n].mean for n in moments}
     std = {n: moments[n].std for n in moments}
     modules = dict(model.named_modules())
-    for bn, src in derived.items():  # eval BatchNorm: y = s·x + t per channel, exactly in float64
-        scale, shift = batchnorm_affine(modules[bn])
-        mean[bn], std[bn] = scale * mean[src] + shift, scale.abs() * std[src]
+    for bn, src in derived.items():
+        mean[bn], std[bn] = batchnorm_output(modules[bn], mean[src], std[src])
     return Goals({n: mean[n] for n in names}, {n: std[n] for n in names})
+
+
+def batchnorm_output(bn: nn.Module, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of an eval-mode BatchNorm's output, from its input's: ``y = s·x + t``, float64."""
+    scale, shift = batchnorm_affine(bn)
+    return scale * mean.to(scale) + shift, scale.abs() * std.to(scale)
 
 
 def batchnorm_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,9 @@
 """Throughput of PairModule training vs. a hand-written PyTorch loop (same model, data, optimizer).
 
 Prints images/s of both and the ratio Lightning / plain loop (aim ≥ 0.95). Runs on CPU here and on
-a GPU when one is available (bf16 autocast + channels_last there, in both loops).
+a GPU when one is available (bf16 autocast + channels_last there, in both loops). On the CPU, PairModule trains
+the two networks concurrently (one worker thread each, ``concurrent: null``); the benchmark also times it with
+``concurrent: false`` (one network after the other, like the plain loop) and prints the speed-up.
 
     python benchmarks/train_throughput.py [--samples 6144] [--repeats 2] [--arch vgg11 --width 0.25]
 """
@@ -45,9 +47,9 @@ def make_data(args: argparse.Namespace) -> FashionMNISTDataModule:
     return dm
 
 
-def lightning_epoch(args: argparse.Namespace, cfg: ModelConfig, device: str) -> float:
+def lightning_epoch(args: argparse.Namespace, cfg: ModelConfig, device: str, concurrent: bool | None = None) -> float:
     dm = make_data(args)
-    module = PairModule(cfg, OptimConfig(lr=0.05))
+    module = PairModule(cfg, OptimConfig(lr=0.05), concurrent=concurrent)
     timer = EpochTimer()
     trainer = L.Trainer(
         max_epochs=1, accelerator=device, devices=1, logger=False, enable_checkpointing=False,
@@ -98,14 +100,21 @@ def main() -> None:
     device = "gpu" if torch.cuda.is_available() else "cpu"
     cfg = ModelConfig(arch=args.arch, norm="bn", width=args.width, in_channels=1)
     images = 2 * (args.samples // args.batch_size) * args.batch_size  # two networks, drop_last
-    plain, light = [], []
+    plain, light, seq = [], [], []
     for _ in range(args.repeats):  # interleaved, best of N
         plain.append(plain_epoch(args, cfg, device))
         light.append(lightning_epoch(args, cfg, device))
+        if device == "cpu":
+            seq.append(lightning_epoch(args, cfg, device, concurrent=False))
     tp, tl = min(plain), min(light)
     print(f"device: {device}  model: {args.arch} x{args.width} BN pair  images/epoch: {images}")
     print(f"plain loop : {tp:7.2f} s  {images / tp:9.0f} images/s")
     print(f"Lightning  : {tl:7.2f} s  {images / tl:9.0f} images/s")
+    if seq:
+        ts = min(seq)
+        print(f"Lightning, concurrent: false : {ts:7.2f} s  {images / ts:9.0f} images/s")
+        print(f"throughput ratio concurrent / one network after the other: {ts / tl:.3f}")
+        print(f"throughput ratio Lightning (concurrent: false) / plain loop: {tp / ts:.3f}")
     print(f"throughput ratio Lightning / plain loop: {tp / tl:.3f}")
 
 

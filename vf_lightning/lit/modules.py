@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from vf_lightning.checkpoint import save_model_checkpoint
 from vf_lightning.io import check_writable
 from vf_lightning.lit.base import BaseModule, as_config, build_seeded
+from vf_lightning.lit.concurrent import concurrent_losses
 from vf_lightning.lit.optim import OptimConfig, ScheduleConfig
 from vf_lightning.models import ModelConfig
 
@@ -104,6 +106,11 @@ class PairModule(BaseModule):
     gradients are independent, so this equals two separate runs with the same recipe. Both networks live
     in one checkpoint (``net_a.*``, ``net_b.*``); ``export_dir`` writes each as a standalone checkpoint
     (``net_a.pt``, ``net_b.pt``) at the end of fit.
+
+    ``concurrent``: train the two networks side by side in two worker threads, each with half of the intra-op
+    threads (:mod:`vf_lightning.lit.concurrent`; faster for small networks on the CPU). None (default) = on when
+    one process trains on the CPU in 32-bit precision with at least two intra-op threads and without
+    ``compile``; True demands it (an error names what prevents it); False = one network after the other.
     """
 
     def __init__(
@@ -116,6 +123,7 @@ class PairModule(BaseModule):
         export_dir: str | None = None,
         compile: bool = False,
         channels_last: bool | None = None,
+        concurrent: bool | None = None,
     ) -> None:
         super().__init__(compile=compile, channels_last=channels_last)
         if seed_a == seed_b:
@@ -135,9 +143,12 @@ class PairModule(BaseModule):
                     "export_dir": export_dir,
                     "compile": compile,
                     "channels_last": channels_last,
+                    "concurrent": concurrent,
                 }
             )
         )
+        self.concurrent = concurrent
+        self.concurrent_threads = 0  # intra-op threads per network while training concurrently (0: one by one)
         self.net_a = build_seeded(self.net_config, seed_a)
         self.net_b = build_seeded(self.net_config, seed_b)
         n = self.net_config.num_classes
@@ -154,6 +165,28 @@ class PairModule(BaseModule):
         if dm is not None and hasattr(dm, "pair_streams"):
             dm.pair_streams = True  # ask for two independent training orders
         super().setup(stage)
+        if stage == "fit":
+            self.concurrent_threads = self.concurrency()
+
+    def concurrency(self) -> int:
+        """Intra-op threads per network when this fit trains the pair concurrently, 0 when one after the other."""
+        trainer = self.trainer
+        threads = torch.get_num_threads()
+        obstacles = []
+        if trainer.world_size > 1:
+            obstacles.append(f"{trainer.world_size} processes train it")
+        if trainer.strategy.root_device.type != "cpu":
+            obstacles.append(f"it trains on {trainer.strategy.root_device.type}")
+        if str(trainer.precision) not in ("32-true", "32"):
+            obstacles.append(f"precision is {trainer.precision} (worker threads do not inherit autocast)")
+        if self.compile_nets:
+            obstacles.append("compile is on")
+        if threads < 2:
+            obstacles.append("torch has one intra-op thread")
+        if obstacles and self.concurrent:
+            raise ValueError(f"PairModule: concurrent=True, but {'; '.join(obstacles)}; set concurrent to null "
+                             "(automatic) or false")  # fmt: skip
+        return 0 if obstacles or self.concurrent is False else threads // 2
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.forward_net("a", x), self.forward_net("b", x)
@@ -163,8 +196,16 @@ class PairModule(BaseModule):
             (xa, ya), (xb, yb) = batch["a"], batch["b"]
         else:
             (xa, ya), (xb, yb) = batch, batch
-        loss_a, ca, _ = self.loss_and_stats(self.forward_net("a", xa), ya)
-        loss_b, cb, _ = self.loss_and_stats(self.forward_net("b", xb), yb)
+        if self.concurrent_threads:
+            (loss_a, loss_b), extras = concurrent_losses(
+                [self.net_a, self.net_b],
+                [partial(self._loss, "a", xa, ya), partial(self._loss, "b", xb, yb)],
+                self.concurrent_threads,
+            )
+        else:
+            (loss_a, extra_a), (loss_b, extra_b) = self._loss("a", xa, ya), self._loss("b", xb, yb)
+            extras = [extra_a, extra_b]
+        ca, cb = extras[0]["correct"], extras[1]["correct"]
         self.log_dict({"train/loss_a": loss_a, "train/loss_b": loss_b}, prog_bar=True)
         self.log_dict(
             {"train/acc_a": ca.float() / ya.shape[0], "train/acc_b": cb.float() / yb.shape[0]},
@@ -173,6 +214,10 @@ class PairModule(BaseModule):
             sync_dist=True,  # epoch-level: the mean over every rank's batches under DDP
         )
         return loss_a + loss_b
+
+    def _loss(self, key: str, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss, correct, _ = self.loss_and_stats(self.forward_net(key, x), y)
+        return loss, {"correct": correct}
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         x, y = batch

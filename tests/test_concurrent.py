@@ -66,6 +66,13 @@ def test_concurrency_is_automatic_on_a_cpu_with_two_threads_and_refused_where_it
         _fit(True, 2, precision="bf16-mixed")
     with pytest.raises(ValueError, match="one intra-op thread"):
         _fit(True, 1)
+    mlp = ModelConfig(arch="mlp", norm="none", in_channels=1, image_size=28, hidden=(8,))
+    module = PairModule(mlp, concurrent=True)
+    module.net_a.add_module("drop", torch.nn.Dropout(0.1))
+    with pytest.raises(ValueError, match="dropout"):
+        L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False).fit(module, DataLoader(TensorDataset(torch.randn(8, 1, 28, 28),
+                                                                                   torch.randint(0, 10, (8,)))))
 
 
 def test_concurrent_losses_refuse_networks_that_share_parameters() -> None:

@@ -109,8 +109,12 @@ class PairModule(BaseModule):
 
     ``concurrent``: train the two networks side by side in two worker threads, each with half of the intra-op
     threads (:mod:`vf_lightning.lit.concurrent`; faster for small networks on the CPU). None (default) = on when
-    one process trains on the CPU in 32-bit precision with at least two intra-op threads and without
-    ``compile``; True demands it (an error names what prevents it); False = one network after the other.
+    one process trains on the CPU in 32-bit precision with at least two intra-op threads, without ``compile`` and
+    without dropout; True demands it (an error names what prevents it); False = one network after the other.
+    Each network's arithmetic is then that of one thread: the result equals ``concurrent: false`` with
+    ``torch.set_num_threads(1)`` bit for bit (not the two-thread sequential run, whose reductions split
+    differently). A network whose forward draws random numbers outside ``nn.Dropout`` needs ``concurrent:
+    false`` to stay reproducible.
     """
 
     def __init__(
@@ -183,6 +187,9 @@ class PairModule(BaseModule):
             obstacles.append("compile is on")
         if threads < 2:
             obstacles.append("torch has one intra-op thread")
+        if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in self.modules()):
+            obstacles.append("the networks use dropout (two threads drawing from torch's one global generator would "
+                             "make the run irreproducible)")  # fmt: skip
         if obstacles and self.concurrent:
             raise ValueError(f"PairModule: concurrent=True, but {'; '.join(obstacles)}; set concurrent to null "
                              "(automatic) or false")  # fmt: skip

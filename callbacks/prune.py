@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -17,7 +17,7 @@ from vf_lightning.distributed import broadcast_module
 from vf_lightning.merge.session import SessionData, check_normalizations, evaluate_model
 from vf_lightning.progress import Steps
 from vf_lightning.prune import PRUNERS, normalize_pruned, prune_model, sparsity_report
-from vf_lightning.repair import Goals, Measure, auto_normalization, reference_stats
+from vf_lightning.repair import FoldPlans, Goals, Measure, auto_normalization, reference_stats
 
 from .base import DiagnosticCallback, networks_of
 from .wandb_log import EPOCH_AXIS, LAYER_AXIS, SPARSITY_AXIS, line_plot, table
@@ -35,6 +35,7 @@ class _Dense:
     auto: str
     n_params: int
     labelled: list[tuple[torch.Tensor, torch.Tensor]]
+    plans: FoldPlans = field(default_factory=FoldPlans)  # the pruned variants share the dense model's fold plan
 
 
 class PruneCallback(DiagnosticCallback):
@@ -101,12 +102,13 @@ class PruneCallback(DiagnosticCallback):
         """Dense and pruned (± normalization) accuracies and losses of one network, reduced over ranks."""
         graph = ModelGraph.of(dense)
         fix_sites, vr_sites = graph.correction_sites(), graph.variance_sites()
-        d = evaluate_model(dense, data.eval, data.device)
+        plans = FoldPlans()
+        d = evaluate_model(dense, data.eval, data.device, plans)
         stats = reference_stats([dense], data.calib, list(dict.fromkeys([*fix_sites, *vr_sites])))[0]
         # diag_fisher needs labels: validation batches (rank 0's mask is then broadcast to all ranks)
         ref = _Dense(name, dense, stats.subset(fix_sites), stats.subset(vr_sites), fix_sites,
                      auto_normalization(dense), count_params(dense),
-                     data.select if data.select is not None else data.eval)  # fmt: skip
+                     data.select if data.select is not None else data.eval, plans)  # fmt: skip
         rows: list[dict[str, Any]] = []
         curves: dict[str, list[float]] = {}
         with self.steps(len(self.pruners) * len(self.sparsities) * len(self.normalizations)) as bar:
@@ -131,7 +133,7 @@ class PruneCallback(DiagnosticCallback):
             wanted = Measure(ref.vr_goals.sites) if validate else None  # the variance ratio from its own pass
             model = pruned if norm == "none" else normalize_pruned(
                 pruned, ref.model, data.calib, norm, None, ref.goals, ref.fix_sites, measure=wanted)[0]  # fmt: skip
-            m = evaluate_model(model, data.eval, data.device)
+            m = evaluate_model(model, data.eval, data.device, ref.plans)
             row = {"network": ref.name, "pruner": pruner, "sparsity": s, "achieved_sparsity": achieved,
                    "normalization": label, "acc": m["acc"], "loss": m["loss"],
                    "params_ratio": count_params(model, nonzero=True) / ref.n_params, "flops_ratio": 1.0,
@@ -143,7 +145,7 @@ class PruneCallback(DiagnosticCallback):
                 curves[f"{pruner}/{s:g}/{label}"] = list(variance_ratio(model, ref.vr_goals, data.calib,
                                                                         known=known).values())  # fmt: skip
                 if data.select is not None and s == max(self.sparsities):
-                    score = evaluate_model(model, data.select, data.device)["acc"]
+                    score = evaluate_model(model, data.select, data.device, ref.plans)["acc"]
                     self.report(self._trainer).offer(  # type: ignore[arg-type]
                         "pruned", score, model, f"{ref.name}/{pruner}/{s:g}/{label}", val_acc=score,
                         test_acc=m["acc"])  # fmt: skip

@@ -14,6 +14,7 @@ from vf_lightning.merge import interpolate_models
 from vf_lightning.models import ModelConfig, build_model
 from vf_lightning.repair import (
     NORMALIZATIONS,
+    FoldPlans,
     Measure,
     affine_coefficients,
     affine_correct,
@@ -152,6 +153,33 @@ def test_inference_copy_folds_batchnorms_into_the_layer_before_them_only(arch: s
         torch.testing.assert_close(fast(x), model.eval()(x), rtol=1e-5, atol=1e-5)
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
     assert inference_copy(plain) is plain, "nothing to fold: no copy"
+
+
+def test_fold_plans_trace_one_architecture_once_and_fold_its_variants_like_a_fresh_trace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import vf_lightning.repair.fold as fold
+
+    torch.manual_seed(0)
+    a = build_model(ModelConfig(arch="vgg11", norm="bn", width=0.25)).eval()
+    variants = [interpolate_models(a, build_model(ModelConfig(arch="vgg11", norm="bn", width=0.25)), t)
+                for t in (0.25, 0.75)]  # fmt: skip
+    traces = []
+    traced = fold.foldable_batchnorms
+    monkeypatch.setattr(fold, "foldable_batchnorms", lambda m: traces.append(m) or traced(m))
+    plans = FoldPlans()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        for v in [a, *variants]:
+            assert torch.equal(inference_copy(v, plans)(x), inference_copy(v)(x))
+    assert len(traces) == 1 + 3  # the plan once, and the three copies made without one
+    # same module names and types, but BatchNorms without running statistics: not foldable, traced on its own
+    bare = build_model(ModelConfig(arch="vgg11", norm="bn", width=0.25)).eval()
+    for m in bare.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.track_running_stats, m.running_mean, m.running_var = False, None, None
+    with torch.no_grad():
+        assert torch.equal(inference_copy(bare, plans)(x), bare(x))
 
 
 def test_folded_model_equals_unfolded_correction_hooks() -> None:

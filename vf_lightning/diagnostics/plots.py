@@ -92,8 +92,8 @@ class _Styles:
             return
         ax.add_artist(first)
         first.set_clip_on(False)  # add_artist clips to the axes: a clipped legend is left out of the tight bbox
-        # the first legend's size, to put the second below it (its layout needs a renderer, not a draw of the figure)
-        box = first.get_window_extent(ax.figure.canvas.get_renderer()).transformed(ax.transAxes.inverted())
+        # the first legend's size, to put the second below it (its own layout, not a draw of the whole figure)
+        box = first.get_window_extent().transformed(ax.transAxes.inverted())
         styles = [Line2D([], [], color="0.3", label=n, **_norm_style(i)) for i, n in enumerate(self.norms)]
         ax.legend(handles=styles, title="normalization", loc="upper left", bbox_to_anchor=(1.02, box.y0 - 0.03),
                   fontsize=8, title_fontsize=8, frameon=False, handlelength=3)  # fmt: skip

@@ -44,6 +44,7 @@ from vf_lightning.models import fast_memory_format
 from vf_lightning.progress import status
 from vf_lightning.repair import (
     NORMALIZATIONS,
+    FoldPlans,
     Goals,
     Measure,
     combine_goals,
@@ -141,10 +142,11 @@ class Ensemble(nn.Module):
 
 
 def evaluate_model(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                   device: torch.device | str) -> dict[str, float]:  # fmt: skip
+                   device: torch.device | str, plans: FoldPlans | None = None) -> dict[str, float]:  # fmt: skip
     """``{"acc", "loss"}`` of ``model`` over this rank's batches, reduced over ranks, computed on its
-    :func:`~vf_lightning.repair.inference_copy` (BatchNorms folded into the layers before them)."""
-    return evaluate_reduced(inference_copy(model), batches, device)
+    :func:`~vf_lightning.repair.inference_copy` (BatchNorms folded into the layers before them; ``plans``: the
+    caller's :class:`~vf_lightning.repair.FoldPlans`, so that variants of one network are traced once)."""
+    return evaluate_reduced(inference_copy(model, plans), batches, device)
 
 
 def check_matchings(matchings: Sequence[str], owner: str, permutation_only: bool = False) -> list[str]:
@@ -216,6 +218,7 @@ class MergeSession:
         self._ratios: dict[Hashable, dict[str, float]] = {}
         self._measured: dict[Hashable, Goals] = {}  # a normalized variant's statistics at vr_sites, from its own pass
         self._checks: dict[str, dict[str, Any]] = {}
+        self.fold_plans = FoldPlans()  # every merge and variant has A's modules: one trace for all evaluations
         self.cache: dict[Hashable, Any] = {}  # for callers' own derived results (e.g. PFM mergers)
 
     # ------------------------------------------------------------------------------------------------ structure
@@ -386,7 +389,7 @@ class MergeSession:
             if batches is None:
                 raise SessionError("this session has no selection data (SessionData.select)")
             with self.timer.phase("evaluation"):
-                self._evals[full] = evaluate_model(model, batches, self.data.device)
+                self._evals[full] = evaluate_model(model, batches, self.data.device, self.fold_plans)
         return self._evals[full]
 
     def evaluate_variant(self, matching: str, normalization: str, alpha: float | None = 0.5,

@@ -9,7 +9,7 @@ from vf_lightning.repair.correct import (
     reset_bn_stats,
     sequential_estimate,
 )
-from vf_lightning.repair.fold import ensure_biases, fold_affine, inference_copy
+from vf_lightning.repair.fold import FoldPlans, ensure_biases, fold_affine, inference_copy
 from vf_lightning.repair.goals import Goals, combine_goals, compute_goals, evaluated_stats, reference_stats
 from vf_lightning.repair.registry import (
     NORMALIZATIONS,
@@ -31,6 +31,7 @@ from vf_lightning.repair.sites import (
 
 __all__ = [
     "NORMALIZATIONS",
+    "FoldPlans",
     "WEIGHT_ONLY",
     "Goals",
     "Measure",

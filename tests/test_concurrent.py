@@ -81,3 +81,5 @@ def test_concurrent_losses_refuse_networks_that_share_parameters() -> None:
     x = torch.randn(4, 3)
     with pytest.raises(ValueError, match="share no parameters"):
         concurrent_losses([a, b], [lambda: (a(x).sum(), {}), lambda: (b(x).sum(), {})], 1)
+    with pytest.raises(ValueError, match="one step per network"):
+        concurrent_losses([a, torch.nn.Linear(3, 2)], [lambda: (a(x).sum(), {})], 1)

@@ -3,7 +3,7 @@ with its own share of the intra-op threads.
 
 Small convolutional networks use two CPU cores poorly inside one kernel (oneDNN's weight gradients of small maps,
 elementwise passes of a few MB); two networks that share nothing but the optimizer step run faster side by side,
-one core each: the demo's VGG pair trains an epoch in 91-93 s instead of 100-105 s on 2 cores
+one core each: the demo's VGG pair trains an epoch in 77-92 s instead of 100-105 s on 2 cores
 (``benchmarks/train_throughput.py`` prints the ratio).
 
 :func:`concurrent_losses` is an autograd function, so Lightning's automatic optimization (closure, gradient
@@ -77,6 +77,8 @@ def concurrent_losses(networks: Sequence[nn.Module], steps: Sequence[Step],
     """Run ``steps[i]`` (the loss of ``networks[i]``, which must share no parameters) in worker threads of
     ``threads`` intra-op threads each; returns the losses, differentiable with respect to every network's trainable
     parameters (their backward also runs in the workers), and each step's extras (detached)."""
+    if len(networks) != len(steps):
+        raise ValueError(f"concurrent training needs one step per network, got {len(steps)} for {len(networks)}")
     groups = [[p for p in net.parameters() if p.requires_grad] for net in networks]
     seen: set[int] = set()
     for group in groups:

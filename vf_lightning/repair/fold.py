@@ -74,14 +74,19 @@ def foldable_batchnorms(model: nn.Module) -> list[tuple[str, str]]:
             continue
         bn_name = str(user.target)
         bn = graph.module(bn_name)
-        if (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training or bn.running_mean is None
-                or bn.running_var is None or any(a.startswith(bn_name + ".") for a in attrs)):  # fmt: skip
-            continue
-        weight = graph.module(name).weight
-        if not isinstance(weight, torch.Tensor) or bn.num_features != weight.shape[0]:
+        if bn.training or any(a.startswith(bn_name + ".") for a in attrs) or not _folds_into(graph.module(name), bn):
             continue
         pairs.append((name, bn_name))
     return pairs
+
+
+def _folds_into(layer: nn.Module, bn: nn.Module) -> bool:
+    """Whether ``bn`` is a BatchNorm with running statistics over ``layer``'s output channels (what folding it into
+    ``layer`` needs of the two modules themselves; the graph decides whether it reads only that output)."""
+    weight = getattr(layer, "weight", None)
+    return (isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is not None
+            and bn.running_var is not None and isinstance(weight, torch.Tensor)
+            and weight.shape[0] == bn.num_features)  # fmt: skip
 
 
 class FoldPlans:
@@ -104,13 +109,7 @@ class FoldPlans:
 
 
 def _plan_applies(model: nn.Module, pairs: list[tuple[str, str]]) -> bool:
-    for name, bn_name in pairs:
-        bn, layer = model.get_submodule(bn_name), model.get_submodule(name)
-        weight = getattr(layer, "weight", None)
-        if (not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.running_mean is None or bn.running_var is None
-                or not isinstance(weight, torch.Tensor) or weight.shape[0] != bn.num_features):  # fmt: skip
-            return False
-    return True
+    return all(_folds_into(model.get_submodule(name), model.get_submodule(bn)) for name, bn in pairs)
 
 
 @torch.no_grad()

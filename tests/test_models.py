@@ -104,3 +104,62 @@ def test_unknown_arch_and_unsupported_norm_are_named() -> None:
 def test_fixup_resnet_starts_as_zero_output() -> None:
     model = build_model(ModelConfig(arch="resnet20", norm="fixup"))
     assert torch.count_nonzero(model(torch.randn(2, 3, 32, 32))) == 0
+
+
+@pytest.mark.parametrize("kernel,padding,stride,shape,fast", [
+    (3, 1, 1, (1, 1), True),  # the last stage of a VGG on 28×28 inputs
+    (5, 2, 1, (1, 1), True),
+    (3, 1, 1, (2, 2), False),  # a real map: nn.Conv2d's path
+    (3, 0, 1, (3, 3), False),
+    (3, 1, 2, (1, 1), False),  # strided: nn.Conv2d's path
+])
+def test_conv2d_on_a_one_by_one_map_equals_nn_conv2d_in_output_and_gradients(kernel: int, padding: int, stride: int,
+                                                                             shape: tuple[int, int],
+                                                                             fast: bool) -> None:  # fmt: skip
+    from torch import nn
+
+    from vf_lightning.models.layers import Conv2d
+
+    torch.manual_seed(0)
+    ours = Conv2d(8, 6, kernel, padding=padding, stride=stride)
+    ref = nn.Conv2d(8, 6, kernel, padding=padding, stride=stride)
+    ref.load_state_dict(ours.state_dict())
+    assert ours._centre_tap_only() == (padding == kernel // 2 and stride == 1)
+    calls = []
+    ours.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(5, 8, *shape)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        xa = x.clone().contiguous(memory_format=memory_format).requires_grad_()
+        xb = x.clone().requires_grad_()
+        ya, yb = ours(xa), ref(xb)
+        assert ya.shape == yb.shape
+        torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-6)
+        g = torch.randn_like(yb)
+        ya.backward(g)
+        yb.backward(g)
+        torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.bias.grad, ref.bias.grad, rtol=1e-5, atol=1e-6)
+        if fast:  # every tap but the centre one gets an exact zero gradient, as in the convolution
+            c = kernel // 2
+            off_centre = ours.weight.grad.clone()
+            off_centre[:, :, c, c] = 0
+            assert off_centre.abs().max() == 0
+        ours.zero_grad()
+        ref.zero_grad()
+    assert len(calls) == 2
+
+
+def test_vgg_last_stage_on_28_pixel_inputs_uses_the_centre_tap_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch import nn
+
+    from vf_lightning.models.layers import Conv2d
+
+    model = build_model(ModelConfig(arch="vgg11", norm="bn", width=0.25, in_channels=1, image_size=28))
+    assert sum(isinstance(m, Conv2d) for m in model.modules()) == 8
+    convolved = []  # the input sizes that went through nn.Conv2d's kernels
+    conv_forward = nn.Conv2d._conv_forward
+    monkeypatch.setattr(nn.Conv2d, "_conv_forward", lambda self, x, w, b: convolved.append(x.shape[-1]) or
+                        conv_forward(self, x, w, b))  # fmt: skip
+    model(torch.randn(2, 1, 28, 28))
+    assert convolved == [28, 14, 7, 7, 3, 3]  # the two convs on 1×1 maps took the matrix product

@@ -24,6 +24,30 @@ class ChannelLayerNorm(nn.LayerNorm):
         return y.movedim(-1, 1)
 
 
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` that runs a 1×1 input map as a matrix product with the kernel's centre tap.
+
+    With stride 1, dilation 1, one group and zero padding ``(k − 1) / 2`` (a "same" convolution of odd kernel), a
+    1×1 map only ever meets the centre tap: every other tap multiplies padding. The result is the convolution's up
+    to float32 rounding, and so are the gradients (the other taps get exact zeros either way), but the matrix
+    product skips oneDNN's kernels for this shape: on a 2-core CPU the forward + backward of a 128-channel 3×3
+    layer on 1×1 maps takes 0.8 ms against 8 ms (the last stage of a VGG on 28×28 inputs runs on 1×1 maps). Other
+    inputs take ``nn.Conv2d``'s path. State dicts, ``isinstance`` checks and the traced graph are ``nn.Conv2d``'s.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and x.shape[-2:] == (1, 1) and self._centre_tap_only():
+            kh, kw = self.kernel_size
+            y = F.linear(x.flatten(1), self.weight[:, :, kh // 2, kw // 2], self.bias)
+            return y.view(x.shape[0], self.out_channels, 1, 1)
+        return super().forward(x)
+
+    def _centre_tap_only(self) -> bool:
+        kh, kw = self.kernel_size
+        return (kh % 2 == 1 and kw % 2 == 1 and self.padding == (kh // 2, kw // 2) and self.stride == (1, 1)
+                and self.dilation == (1, 1) and self.groups == 1 and self.padding_mode == "zeros")
+
+
 def make_norm(kind: str, channels: int) -> nn.Module:
     """Normalization layer for ``kind`` in {bn, ln, none}; ``none`` gives ``nn.Identity``."""
     if kind == "bn":

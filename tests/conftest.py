@@ -14,6 +14,8 @@ import pytest
 import torch
 from background import REPO, Job, Runner
 
+from vf_lightning.runtime import skip_final_collection
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 CORES = min(2, os.cpu_count() or 1)
@@ -128,6 +130,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     runner = session.config.stash.get(_RUNNER, None)
     if runner is not None:
         runner.close()
+    skip_final_collection()  # what the tests left alive is not scanned again at exit
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:

@@ -115,15 +115,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=_order)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Collecting imports Lightning, W&B and the package: the garbage collector pauses until it is done (its full
+    collections over the millions of objects those imports create cost seconds, as in ``vf``'s start-up)."""
+    gc.disable()
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the background jobs of the selected tests; then move everything imported while collecting (torch,
-    Lightning, W&B, the test modules) out of the garbage collector's view: later full collections then scan only
-    what the tests create."""
+    Lightning, W&B, the test modules) out of the garbage collector's view and let it run again: later full
+    collections then scan only what the tests create."""
     factories = list(dict.fromkeys(f for f in map(_background_factory, session.items) if f is not None))
     if factories and not session.config.option.collectonly:
         session.config.stash[_RUNNER] = Runner(factories)
     gc.collect()
     gc.freeze()
+    gc.enable()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

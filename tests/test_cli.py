@@ -21,6 +21,25 @@ def test_vf_help_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
         assert f"  {cmd}" in out
 
 
+def test_the_console_script_runs_vf_and_leaves_the_garbage_collector_on(capsys: pytest.CaptureFixture[str],
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import configparser
+    import gc
+    import importlib
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    (script,) = [line for line in cfg["options.entry_points"]["console_scripts"].splitlines() if line.strip()]
+    name, target = (part.strip() for part in script.split("="))
+    module, func = target.split(":")
+    assert name == "vf" and module == "vf_lightning.__main__"  # python -m vf_lightning is the same program
+    entry = getattr(importlib.import_module(module), func)
+    assert gc.isenabled() and gc.get_freeze_count() > 0  # paused for the imports only; what they made is frozen
+    monkeypatch.setattr("sys.argv", ["vf", "--help"])
+    entry()
+    assert capsys.readouterr().out.startswith("usage: vf {fit,validate,test,merge,prune}") and gc.isenabled()
+
+
 @pytest.mark.parametrize("config", FIT_CONFIGS, ids=lambda p: p.stem)
 def test_print_config_works_for_every_fit_config(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -57,7 +76,7 @@ def fit_wandb(tmp: Path) -> list[list[Command]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # no inherited W&B service
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONPATH=str(REPO))
     return [[Command("fit", [
-        "-m", "vf_lightning.cli",
+        "-m", "vf_lightning",
         "fit", "--config", str(REPO / "configs/fit/fmnist_mlp_pair.yaml"),
         "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
         "--trainer.log_every_n_steps", "2",

@@ -19,7 +19,7 @@ LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"align", "repair"}),
     frozenset({"merge", "prune", "diagnostics"}),
     frozenset({"lit", "callbacks"}),
-    frozenset({"cli", "show", "dashboard"}),
+    frozenset({"cli", "show", "dashboard", "__main__"}),
 )
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -46,7 +46,7 @@ def _config(tmp: Path, out: Path) -> Path:
 
 
 def _command(tmp: Path, name: str, *extra: str) -> Command:
-    return Command(name, ["-m", "vf_lightning.cli", "merge", "--config", str(_config(tmp, tmp / name)), *extra])
+    return Command(name, ["-m", "vf_lightning", "merge", "--config", str(_config(tmp, tmp / name)), *extra])
 
 
 @job(seconds=30)

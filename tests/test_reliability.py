@@ -684,7 +684,7 @@ def write_phase_kills(tmp: Path) -> list[list[Command]]:
     (tmp / "second").mkdir()
 
     def merge(name: str, d: Path, alpha: float, point: str | None = None) -> Command:
-        argv = ["-m", "vf_lightning.cli", "merge", "--config", str(_merge_config(d, ckpts, d / "out", alpha)), *DATA]
+        argv = ["-m", "vf_lightning", "merge", "--config", str(_merge_config(d, ckpts, d / "out", alpha)), *DATA]
         if point is None:
             return Command(name, argv)
         return Command(name, argv, env=python_env(VF_FAULT_POINT=point), returncode=-signal.SIGKILL)

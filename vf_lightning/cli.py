@@ -46,7 +46,7 @@ from vf_lightning.io import OutputError, atomic_write_bytes, check_writable
 from vf_lightning.lit import CheckpointModule, MergeModule
 from vf_lightning.merge.session import SessionError
 from vf_lightning.progress import set_quiet
-from vf_lightning.runtime import skip_final_collection, tune_allocator
+from vf_lightning.runtime import tune_allocator
 
 USAGE = """usage: vf {fit,validate,test,merge,prune} [--config FILE.yaml] [options]
 
@@ -651,7 +651,8 @@ def fit_cli(args: Sequence[str] | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of the ``vf`` console script."""
+    """The ``vf`` command (``argv``: default this process's arguments); the console script is
+    :mod:`vf_lightning.__main__`."""
     args = list(sys.argv[1:] if argv is None else argv)
     tune_allocator()
     if "--quiet" in args:  # no vf progress bars or progress lines (as VF_QUIET=1); Lightning's own bar stays
@@ -672,8 +673,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         print(f"vf: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
-    if argv is None:  # the console script: the process exits next
-        skip_final_collection()
 
 
 if __name__ == "__main__":

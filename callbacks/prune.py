@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -35,7 +35,7 @@ class _Dense:
     auto: str
     n_params: int
     labelled: list[tuple[torch.Tensor, torch.Tensor]]
-    plans: FoldPlans = field(default_factory=FoldPlans)  # the pruned variants share the dense model's fold plan
+    plans: FoldPlans  # the pruned variants share the dense model's fold plan
 
 
 class PruneCallback(DiagnosticCallback):

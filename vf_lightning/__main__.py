@@ -1,7 +1,8 @@
 """The ``vf`` console script (also ``python -m vf_lightning``): :func:`vf_lightning.cli.main` in a process of its own.
 
-Importing the command (torch, Lightning, torchmetrics, torchvision, scipy, W&B) creates a few million objects, and
-the garbage collector ran seven full collections over them on the way (1.9 s of a 9.5 s import on 2 slow cores).
+Importing the command (torch, Lightning, torchmetrics, torchvision, scipy, W&B) leaves ≈ 740,000 objects that the
+garbage collector tracks, and it ran seven full collections over them on the way (1.9 s of a 9.5 s import on 2
+slow cores).
 The import runs with the collector paused; what it created is then frozen (``gc.freeze``: out of the view of
 later collections, 0.5 s less of collections in a ``vf prune`` run), and so is everything alive when the command
 is done, which spares the interpreter's exit a full collection (2.7 s → 0.7 s).

@@ -54,6 +54,27 @@ def test_truncated_idx_file_is_refused(tmp_path: Path) -> None:
         sources.read_idx(bad)
 
 
+def _idx(path: Path, values: list[int]) -> None:
+    path.write_bytes(b"\x00\x00\x08\x01" + len(values).to_bytes(4, "big") + bytes(values))
+
+
+def test_an_idx_file_is_decoded_once_per_process_into_independent_copies_and_reread_when_replaced(
+    tmp_path: Path,
+) -> None:
+    f = tmp_path / "train-labels-idx1-ubyte"
+    _idx(f, [1, 2, 3])
+    first = sources.read_idx(f)
+    first[0] = 9  # a caller's change stays in its own copy
+    hits = sources._decoded_idx.cache_info().hits
+    again = sources.read_idx(f)
+    assert again.tolist() == [1, 2, 3] and sources._decoded_idx.cache_info().hits == hits + 1
+    _idx(f, [4, 5, 6, 7])  # replaced (another size): read again
+    assert sources.read_idx(f).tolist() == [4, 5, 6, 7]
+    f.unlink()
+    with pytest.raises(ValueError, match="damaged"):  # gone: the data error naming it, not a stale copy
+        sources.read_idx(f)
+
+
 def test_class_selection_relabels(fmnist: Path) -> None:
     dm = FashionMNISTDataModule(num_workers=0, classes=[7, 3], val_subset=200)
     dm.setup("fit")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import struct
@@ -91,7 +92,21 @@ def _open_idx(path: Path) -> bytes:
 
 def read_idx(path: Path) -> torch.Tensor:
     """Read an IDX file (optionally gzipped) as a uint8 tensor, checking its header; a damaged file raises
-    :class:`DataFileError` naming it."""
+    :class:`DataFileError` naming it.
+
+    A process reads each file once: the decoded array is kept (a few files, keyed by path, size and modification
+    time, so a replaced file is read again) and every call returns a fresh copy. Decompressing Fashion-MNIST's
+    training images takes ≈ 0.3 s, and a test session or a notebook sets up many data modules."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise DataFileError(path, f"{type(e).__name__}: {e}") from e
+    return torch.from_numpy(_decoded_idx(path.resolve(), st.st_size, st.st_mtime_ns).copy())
+
+
+@functools.lru_cache(maxsize=8)
+def _decoded_idx(path: Path, size: int, mtime_ns: int) -> np.ndarray:
+    """The checked, decoded contents of an IDX file (read-only; size and mtime only key the cache)."""
     raw = _open_idx(path)
     if len(raw) < 8:
         raise DataFileError(path, "not an IDX file (too short)")
@@ -102,7 +117,9 @@ def read_idx(path: Path) -> torch.Tensor:
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
         raise DataFileError(path, f"the header says {dims} but it holds {data.size} bytes (truncated download?)")
-    return torch.from_numpy(data.reshape(dims).copy())
+    data = data.reshape(dims)
+    data.flags.writeable = False
+    return data
 
 
 def find_idx_split(folder: Path, split: str) -> tuple[Path, Path] | None:

@@ -10,11 +10,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import pytest
-import torch
-from background import REPO, Job, Runner
+from vf_lightning.runtime import import_wandb_first, skip_final_collection
 
-from vf_lightning.runtime import skip_final_collection
+import_wandb_first()  # before torch, as the vf command does
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from background import REPO, Job, Runner  # noqa: E402
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

@@ -40,6 +40,23 @@ def test_the_console_script_runs_vf_and_leaves_the_garbage_collector_on(capsys: 
     assert capsys.readouterr().out.startswith("usage: vf {fit,validate,test,merge,prune}") and gc.isenabled()
 
 
+@job(seconds=10)
+def vf_import_order(tmp: Path) -> list[list[Command]]:
+    return [[Command("help", ["-X", "importtime", "-m", "vf_lightning", "--help"])]]
+
+
+@pytest.mark.background(factory=vf_import_order)
+def test_the_vf_process_imports_wandb_before_torch(background: Job) -> None:
+    """W&B (with the launch package wandb.init imports) comes first: its pydantic classes then scan few modules
+    (vf_lightning.runtime.import_wandb_first)."""
+    background.check()
+    names = [line.rsplit("|", 1)[-1].strip() for line in background.stderr("help").splitlines()
+             if line.startswith("import time:") and "|" in line]  # fmt: skip
+    first_torch = next(i for i, n in enumerate(names) if n.split(".")[0] == "torch")
+    assert names.index("wandb.sdk.launch.inputs.internal") < first_torch
+    assert (background.dir / "help.out").read_text().startswith("usage: vf ")
+
+
 @pytest.mark.parametrize("config", FIT_CONFIGS, ids=lambda p: p.stem)
 def test_print_config_works_for_every_fit_config(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:

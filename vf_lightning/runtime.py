@@ -13,6 +13,9 @@ At exit, the interpreter runs a full garbage collection over every object the im
 torchmetrics, torchvision, scipy, wandb: ~2 s of a ``vf`` process on 2 slow cores). :func:`skip_final_collection`
 moves those objects to the collector's permanent generation first (``gc.freeze``), so that the exit takes
 ≈0.5 s; the ``vf`` command calls it when its work is done, as does the test session.
+
+Import order matters too: :func:`import_wandb_first` (the ``vf`` command and the test session, before anything
+else) imports W&B while few modules are loaded — 2 s less of start-up per process.
 """
 
 from __future__ import annotations
@@ -47,3 +50,16 @@ def skip_final_collection() -> None:
     """Leave the objects alive now out of the garbage collections still to come (``gc.freeze``), the one at
     interpreter exit included; for a process whose work is done (finalizers still run as modules are torn down)."""
     gc.freeze()
+
+
+def import_wandb_first() -> None:
+    """Import W&B, and the launch package every ``wandb.init`` imports, before torch and Lightning are loaded.
+
+    W&B's settings and launch classes are pydantic models with attribute docstrings: defining each one walks the
+    call stack through ``inspect.getmodule``, which scans all of ``sys.modules`` for every frame of the import
+    machinery it meets. With W&B imported first that is a few hundred modules instead of ≈ 4,000: the process's
+    imports take ≈ 7.6 s instead of ≈ 9.5 s on 2 slow cores (W&B alone 2.2 s → 1.3 s), whether or not the run
+    logs to W&B. Call it before importing anything else.
+    """
+    import wandb  # noqa: F401
+    import wandb.sdk.launch.inputs.internal  # noqa: F401

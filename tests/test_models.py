@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vf_lightning.models import ChannelLayerNorm, ModelConfig, available_models, build_model
 
@@ -163,3 +164,51 @@ def test_vgg_last_stage_on_28_pixel_inputs_uses_the_centre_tap_path(monkeypatch:
                         conv_forward(self, x, w, b))  # fmt: skip
     model(torch.randn(2, 1, 28, 28))
     assert convolved == [28, 14, 7, 7, 3, 3]  # the two convs on 1×1 maps took the matrix product
+
+
+@pytest.mark.parametrize("shape", [(6, 16, 28, 28), (4, 8, 7, 7), (3, 1, 5, 6), (2, 3, 2, 2)])
+def test_maxpool2d_outside_autograd_equals_nn_maxpool2d_bit_for_bit_and_trains_through_its_kernel(
+    shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torch import nn
+
+    from vf_lightning.models.layers import MaxPool2d
+
+    torch.manual_seed(0)
+    ours, ref = MaxPool2d(2, 2), nn.MaxPool2d(2, 2)
+    x = torch.randn(*shape)
+    x[0, 0, 0, 0] = float("nan")  # NaNs propagate as in max_pool2d
+    x[-1, -1, 1, :] = 0.0  # ties (ReLU zeros)
+    native = []
+    pool = F.max_pool2d
+    monkeypatch.setattr(F, "max_pool2d", lambda *a, **k: native.append(1) or pool(*a, **k))
+    for memory_format in (torch.channels_last, torch.contiguous_format):
+        xf = x.contiguous(memory_format=memory_format)
+        with torch.inference_mode():
+            y = ours(xf)
+        expected = ref(xf)
+        assert y.shape == expected.shape and torch.equal(y.nan_to_num(7.0), expected.nan_to_num(7.0))
+        assert y.is_contiguous(memory_format=memory_format)
+    assert len(native) == 2 + (shape[1] > 1)  # channels_last took the maxima (C = 1 is both layouts), NCHW the kernel
+    native.clear()
+    xg = x.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+    xr = x.clone().requires_grad_()
+    ours(xg).nan_to_num(0.0).sum().backward()  # training: max_pool2d's kernel and gradient
+    ref(xr).nan_to_num(0.0).sum().backward()
+    assert native == [1, 1] and torch.equal(xg.grad, xr.grad)
+
+
+def test_maxpool2d_with_other_settings_takes_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vf_lightning.models.layers import MaxPool2d
+
+    native = []
+    pool = F.max_pool2d
+    monkeypatch.setattr(F, "max_pool2d", lambda *a, **k: native.append(1) or pool(*a, **k))
+    x = torch.randn(2, 4, 9, 9).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for m in (MaxPool2d(3, 2), MaxPool2d(2, 1), MaxPool2d(2, 2, padding=1), MaxPool2d(2, 2, ceil_mode=True)):
+            assert torch.equal(m(x), pool(x, m.kernel_size, m.stride, m.padding, ceil_mode=m.ceil_mode))
+    assert len(native) == 4
+    with pytest.raises(RuntimeError, match="too small"):  # a map smaller than the window fails as in max_pool2d
+        with torch.no_grad():
+            MaxPool2d(2, 2)(torch.randn(2, 3, 1, 4).contiguous(memory_format=torch.channels_last))

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from vf_lightning.models.config import ModelConfig, register_model
-from vf_lightning.models.layers import Conv2d, make_norm
+from vf_lightning.models.layers import Conv2d, MaxPool2d, make_norm
 
 VGG_LAYOUTS: dict[str, list[int | str]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512],
@@ -36,7 +36,7 @@ class VGG(nn.Module):
         c_in = in_channels
         for item in layout:
             if item == "M":
-                layers.append(nn.MaxPool2d(2, 2))
+                layers.append(MaxPool2d(2, 2))
                 continue
             c_out = max(1, round(int(item) * width))
             layers.append(Conv2d(c_in, c_out, 3, padding=1, bias=bias))

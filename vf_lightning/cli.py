@@ -306,7 +306,7 @@ def _accepts(cls: type, name: str) -> bool:
                for c in cls.__mro__)  # fmt: skip
 
 
-def _default(cls: type, package: str = "vf_lightning.callbacks", **init_args: Any) -> dict[str, Any]:
+def _default(cls: type, package: str = "vf_lightning.callbacks", /, **init_args: Any) -> dict[str, Any]:
     """A ``class_path`` / ``init_args`` default (a callback of a list, the data or the model; editable by the
     shortcut flags). A plain dict, not ``jsonargparse.lazy_instance``: that inspects the whole call stack with
     source context (≈ 40 ms per call under pytest)."""

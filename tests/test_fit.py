@@ -23,7 +23,7 @@ def trained_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[PairModule, 
         pytest.fail("Fashion-MNIST is missing: run `make data`")
     out = tmp_path_factory.mktemp("pair")
     L.seed_everything(0)
-    dm = FashionMNISTDataModule(num_workers=0, train_subset=4096, val_subset=1000, batch_size=64, pad_to_32=True)
+    dm = FashionMNISTDataModule(num_workers=0, train_subset=2048, val_subset=1000, batch_size=64, pad_to_32=True)
     module = PairModule(
         NET, OptimConfig(lr=0.05), ScheduleConfig(kind="warmup_cosine", warmup_iters=10), export_dir=str(out / "export")
     )

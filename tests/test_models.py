@@ -166,9 +166,18 @@ def test_vgg_last_stage_on_28_pixel_inputs_uses_the_centre_tap_path(monkeypatch:
     assert convolved == [28, 14, 7, 7, 3, 3]  # the two convs on 1×1 maps took the matrix product
 
 
+@pytest.fixture
+def native_pools(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per call of ``F.max_pool2d`` (the kernel ``nn.MaxPool2d`` runs) while the test runs."""
+    calls: list[int] = []
+    pool = F.max_pool2d
+    monkeypatch.setattr(F, "max_pool2d", lambda *a, **k: calls.append(1) or pool(*a, **k))
+    return calls
+
+
 @pytest.mark.parametrize("shape", [(6, 16, 28, 28), (4, 8, 7, 7), (3, 1, 5, 6), (2, 3, 2, 2)])
 def test_maxpool2d_outside_autograd_equals_nn_maxpool2d_bit_for_bit_and_trains_through_its_kernel(
-    shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+    shape: tuple[int, ...], native_pools: list[int]
 ) -> None:
     from torch import nn
 
@@ -179,9 +188,7 @@ def test_maxpool2d_outside_autograd_equals_nn_maxpool2d_bit_for_bit_and_trains_t
     x = torch.randn(*shape)
     x[0, 0, 0, 0] = float("nan")  # NaNs propagate as in max_pool2d
     x[-1, -1, 1, :] = 0.0  # ties (ReLU zeros)
-    native = []
-    pool = F.max_pool2d
-    monkeypatch.setattr(F, "max_pool2d", lambda *a, **k: native.append(1) or pool(*a, **k))
+    native = native_pools
     for memory_format in (torch.channels_last, torch.contiguous_format):
         xf = x.contiguous(memory_format=memory_format)
         with torch.inference_mode():
@@ -198,17 +205,17 @@ def test_maxpool2d_outside_autograd_equals_nn_maxpool2d_bit_for_bit_and_trains_t
     assert native == [1, 1] and torch.equal(xg.grad, xr.grad)
 
 
-def test_maxpool2d_with_other_settings_takes_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_maxpool2d_with_other_settings_takes_the_kernel(native_pools: list[int]) -> None:
+    from torch import nn
+
     from vf_lightning.models.layers import MaxPool2d
 
-    native = []
-    pool = F.max_pool2d
-    monkeypatch.setattr(F, "max_pool2d", lambda *a, **k: native.append(1) or pool(*a, **k))
     x = torch.randn(2, 4, 9, 9).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         for m in (MaxPool2d(3, 2), MaxPool2d(2, 1), MaxPool2d(2, 2, padding=1), MaxPool2d(2, 2, ceil_mode=True)):
-            assert torch.equal(m(x), pool(x, m.kernel_size, m.stride, m.padding, ceil_mode=m.ceil_mode))
-    assert len(native) == 4
+            ref = nn.MaxPool2d(m.kernel_size, m.stride, m.padding, ceil_mode=m.ceil_mode)
+            assert torch.equal(m(x), ref(x))
+    assert len(native_pools) == 8  # ours and the reference: both max_pool2d
     with pytest.raises(RuntimeError, match="too small"):  # a map smaller than the window fails as in max_pool2d
         with torch.no_grad():
             MaxPool2d(2, 2)(torch.randn(2, 3, 1, 4).contiguous(memory_format=torch.channels_last))

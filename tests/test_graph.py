@@ -197,3 +197,27 @@ def test_cache_follows_module_replacement_and_does_not_keep_the_model_alive() ->
     del model, first, second
     gc.collect()
     assert ref() is None
+
+
+def test_lockstep_runs_two_models_node_by_node_with_their_own_modules_and_hooks() -> None:
+    """The lockstep module returns both models' outputs exactly, calls each model's own leaf modules (so their
+    hooks fire) alternating A, B at every node, is built once per pair, and is refused for differing traces."""
+    a, b = _model("resnet20", "bn"), _model("resnet20", "bn")
+    torch.manual_seed(1)
+    b.load_state_dict({k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v
+                       for k, v in b.state_dict().items()})
+    ga, gb = ModelGraph.of(a), ModelGraph.of(b)
+    pair = ga.lockstep(gb)
+    assert pair is not None and ga.lockstep(gb) is pair
+    order: list[str] = []
+    for side, model in (("a", a), ("b", b)):
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Conv2d):
+                m.register_forward_hook(lambda _m, _i, _o, tag=f"{side}:{name}": order.append(tag))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out_a, out_b = pair(x)
+        assert torch.equal(out_a, a(x)) and torch.equal(out_b, b(x))
+    convs = _convs(a)
+    assert order[:2 * len(convs)] == [f"{s}:{n}" for n in convs for s in "ab"]  # A's conv, then B's same conv
+    assert ga.lockstep(ModelGraph.of(_model("resnet32", "bn"))) is None  # a deeper net: not the same trace

@@ -304,9 +304,14 @@ def test_activation_statistics_pool_batches_that_switch_to_the_centred_path(monk
     assert (torch.nan_to_num(corr) - torch.nan_to_num(r)).abs().max() < 1e-5
 
 
-def test_activation_statistics_copy_a_site_the_model_modifies_in_place_later() -> None:
-    """A's activations are kept uncopied until B's hook; one that A's forward changes in place after its hook is
-    detected by its version counter, A runs again copying it, and the statistics stay those of the hooked values."""
+@pytest.mark.parametrize("lockstep", [True, False])
+def test_activation_statistics_copy_a_site_the_model_modifies_in_place_later(lockstep: bool,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A's activations are kept uncopied until B's hook; in two forwards, one that A's forward changes in place after
+    its hook is detected by its version counter, A runs again copying it, and the statistics stay those of the
+    hooked values. In lockstep B's hook comes before the change: the same statistics."""
+    if not lockstep:
+        monkeypatch.setattr(statistics, "_lockstep", lambda *args: None)
 
     class Later(nn.Module):
         def __init__(self) -> None:
@@ -343,3 +348,52 @@ def test_activation_statistics_copy_a_site_the_model_modifies_in_place_later() -
         assert isinstance(st, CrossMoments)
         assert torch.allclose(torch.cat([st.a.var, st.b.var]), v_ref, rtol=1e-5, atol=1e-9)
         assert (st.corr() - r_ref[:8, 8:]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "vgg11"])
+def test_activation_statistics_in_lockstep_equal_those_of_two_forwards(arch: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Zoo pairs run in lockstep (each node of A, then B's), and every group's statistics are exactly those of the
+    two separate forwards, for the cross block and the full moments."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, norm="bn", width=0.25)
+    a, b = build_model(cfg).eval(), build_model(cfg).eval()
+    g = torch.Generator().manual_seed(3)
+    loader = [torch.randn(n, 3, 32, 32, generator=g) for n in (16, 7)]
+    spec = build_permutation_spec(a, loader[0][:2])
+    used: list[bool] = []
+    real = statistics._lockstep
+    monkeypatch.setattr(statistics, "_lockstep", lambda *args: used.append(True) or real(*args))
+    for full in (False, True):
+        got = activation_statistics(a, b, spec, loader, full=full)
+        with monkeypatch.context() as m:
+            m.setattr(statistics, "_lockstep", lambda *args: None)
+            ref = activation_statistics(a, b, spec, loader, full=full)
+        for name, st in got.items():
+            other = ref[name]
+            if isinstance(st, CrossMoments):
+                assert isinstance(other, CrossMoments)
+                assert torch.equal(st.comoment, other.comoment) and torch.equal(st.a.m2, other.a.m2)
+                assert torch.equal(st.b.mu, other.b.mu)
+            else:
+                assert isinstance(other, Moments) and st.comoment is not None
+                assert torch.equal(st.comoment, other.comoment) and torch.equal(st.mu, other.mu)
+    assert used and real(a, b, [(s.module, s.call, s.port) for grp in spec.groups for s in grp.activation_sites])
+
+
+def test_a_held_activation_changed_before_b_hook_is_detected_and_copied_from_then_on() -> None:
+    """Lockstep: A's activation changed in place between its hook and B's (an in-place module reading a site at
+    its input) is detected at B's hook; the batch is reported for a rerun and the site copied from then on."""
+    rec = statistics._PairRecorder(None, False)
+    k = ("relu", 0, "in")
+    x = torch.randn(4, 8)
+    rec.take(0, k, x)
+    x.mul_(2.0)  # the module itself changes its input after the pre-hook
+    rec.take(1, k, torch.randn(4, 8))
+    assert rec.modified() == [k] and k in rec.copied
+    rec.batch(k)
+    y = torch.randn(4, 8)
+    rec.take(0, k, y)
+    y.mul_(2.0)
+    rec.take(1, k, torch.randn(4, 8))
+    assert rec.modified() == []  # copied at A's hook now: the change no longer reaches the kept rows

@@ -80,6 +80,7 @@ class ModelGraph:
         self.output_layers: list[str] = [p for p in self.producers if any(n in heads for n in self._calls[p])]
         self._uncorrected = heads | self._residual_exclusions()
         self._specs: dict[tuple[Any, ...], PermutationSpec] = {}
+        self._pairs: weakref.WeakKeyDictionary[fx.GraphModule, fx.GraphModule | None] = weakref.WeakKeyDictionary()
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelGraph:
@@ -190,6 +191,42 @@ class ModelGraph:
         gm.recompile()
         gm.delete_all_unused_submodules()
         return gm
+
+    def lockstep(self, other: ModelGraph) -> fx.GraphModule | None:
+        """One graph module running this model and ``other`` (traced alike) node by node: each node of this
+        model, then the same node of ``other``; it returns both outputs as a pair. ``None`` when the two traces
+        differ in any op or module/attribute name. Built once per pair of traces.
+
+        It calls the models' own leaf modules, so their hooks fire, in each model's own order, with the same
+        values as two separate forwards; but a value of this model is seen by ``other``'s hook at the same node
+        while it is still fresh in cache, and need not outlive ``other``'s forward reaching that node (paired
+        statistics, :func:`vf_lightning.align.statistics.activation_statistics`).
+        """
+        if other.gm in self._pairs:
+            return self._pairs[other.gm]
+        pair: fx.GraphModule | None = None
+        if len(self._nodes) == len(other._nodes) and all(
+                a.op == b.op and a.target == b.target for a, b in zip(self._nodes, other._nodes)):
+            root = nn.Module()
+            root.a, root.b = self.gm, other.gm
+            graph = fx.Graph()
+            env: dict[fx.Node, fx.Node] = {}
+            outputs: list[Any] = []
+            for a, b in zip(self._nodes, other._nodes):
+                if a.op == "placeholder":
+                    env[a] = env[b] = graph.node_copy(a)  # the input both models read
+                    continue
+                if a.op == "output":
+                    outputs = [fx.node.map_arg(n.args[0], env.__getitem__) for n in (a, b)]
+                    continue
+                for side, n in (("a", a), ("b", b)):
+                    env[n] = graph.node_copy(n, env.__getitem__)
+                    if n.op in ("call_module", "get_attr"):
+                        env[n].target = f"{side}.{n.target}"
+            graph.output(tuple(outputs))
+            pair = fx.GraphModule(root, graph)
+        self._pairs[other.gm] = pair
+        return pair
 
     def spec(self, example_input: torch.Tensor) -> PermutationSpec:
         """The permutation spec, built over this trace (cached per input shape and state-dict shapes)."""

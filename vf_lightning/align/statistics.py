@@ -3,7 +3,10 @@
 Built on :class:`vf_lightning.stats.Moments` (per batch centred in the activations' dtype, combined in
 float64, exact DDP reduction). Features are read inside forward hooks (centred into a fresh ``M × C`` copy at
 once, so later in-place ops cannot corrupt them); modules called several times per forward (torchvision's
-bottleneck ``relu``) are told apart by call index.
+bottleneck ``relu``) are told apart by call index. Two models that trace alike run in lockstep
+(:meth:`~vf_lightning.align.graph.ModelGraph.lockstep`): each site's A activation meets B's while both are fresh,
+instead of being kept through the rest of A's forward (ResNet-20 at batch 128 on 2 cores: the pass 1.43-1.49× the
+plain forwards → 1.27-1.28×).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from functools import partial
 import torch
 from torch import nn
 
-from vf_lightning.align.spec import PermutationSpec, Site
+from vf_lightning.align.graph import ModelGraph
+from vf_lightning.align.spec import PermutationSpec, Site, UnsupportedOpError
 from vf_lightning.stats import (
     BatchMoments,
     CentredBatch,
@@ -116,9 +120,10 @@ def _rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @contextmanager
-def _hook_sites(model: nn.Module, sites: Sequence[SiteKey],
-                take: Callable[[SiteKey, torch.Tensor], None]) -> Iterator[None]:
-    """Call ``take(site, tensor)`` on every ``(module, call, port)`` site during each forward of ``model``."""
+def _hook_sites(model: nn.Module, sites: Sequence[SiteKey], take: Callable[[SiteKey, torch.Tensor], None],
+                root: nn.Module | None = None) -> Iterator[None]:
+    """Call ``take(site, tensor)`` on every ``(module, call, port)`` site during each forward of ``model`` (or of
+    ``root``, a module that runs ``model``'s leaf modules: calls are counted from the start of its forward)."""
     modules = dict(model.named_modules())
     wanted: dict[tuple[str, str], set[int]] = {}
     for name, call, port in sites:
@@ -126,7 +131,7 @@ def _hook_sites(model: nn.Module, sites: Sequence[SiteKey],
             raise KeyError(f"site module {name!r} not found in {type(model).__name__}")
         wanted.setdefault((name, port), set()).add(call)
     counts: dict[tuple[str, str], int] = {}
-    handles = [model.register_forward_pre_hook(lambda _m, _i: counts.clear())]
+    handles = [(root or model).register_forward_pre_hook(lambda _m, _i: counts.clear())]
 
     def seen(name: str, port: str, t: torch.Tensor) -> None:
         call = counts.get((name, port), 0)
@@ -255,6 +260,7 @@ class _PairRecorder:
         self.held: dict[SiteKey, _Held] = {}
         self.done: dict[SiteKey, _PairBatch] = {}
         self.copied: set[SiteKey] = set()  # sites whose A activation is modified in place after its hook
+        self.stale: set[SiteKey] = set()  # sites of this batch whose A activation was modified before B's hook
         self.scratch = Scratch()
 
     def _path(self, side: int, k: SiteKey, t: torch.Tensor, c: int) -> Moments:
@@ -279,6 +285,8 @@ class _PairRecorder:
             self.held[k] = _Held(mom, rows, live, version, own)
             return
         held = self.held.pop(k)
+        if held.live is not None and _version(held.live) != held.version:
+            self.stale.add(k)  # changed in place before B got here (lockstep forward): this batch runs again
         if held.moments.n != mom.n:
             raise ValueError(f"site {k} has {held.moments.n} positions in A but {mom.n} in B")
         cross = self._comoment(k, (0, held.moments, held.rows), (1, mom, rows), dt)
@@ -305,9 +313,12 @@ class _PairRecorder:
         return cx.comoment(centre(ry, my.mean if shift_y is None else shift_y, dt))
 
     def modified(self) -> list[SiteKey]:
-        """Sites whose kept A activation was modified in place after its hook (the model's forward changed it):
-        from now on they are copied at the hook, and the batch's forward of A must run again."""
+        """Sites whose kept A activation was modified in place after its hook (the model's forward changed it),
+        before or after B's hook used it: from now on they are copied at the hook, and the batch's forward of A
+        (lockstep: of both) must run again."""
         bad = [k for k, h in self.held.items() if h.live is not None and _version(h.live) != h.version]
+        bad += self.stale
+        self.stale = set()
         self.copied.update(bad)
         return bad
 
@@ -332,6 +343,21 @@ def _channels(t: torch.Tensor, offset: int, length: int) -> torch.Tensor:
     if not length:
         return t
     return t.narrow(channel_layout(t)[0], offset, length)
+
+
+def _lockstep(model_a: nn.Module, model_b: nn.Module, keys: Sequence[SiteKey]) -> nn.Module | None:
+    """Both models' traces run node by node (:meth:`ModelGraph.lockstep`) when both trace alike and every site is
+    a leaf module call of the traces: each site's A activation meets B's while fresh, and is not kept through the
+    rest of A's forward. ``None`` (two plain forwards) otherwise."""
+    if model_a is model_b:
+        return None
+    try:
+        ga, gb = ModelGraph.of(model_a), ModelGraph.of(model_b)
+    except UnsupportedOpError:
+        return None
+    if any(len(g.calls(name)) <= call for g in (ga, gb) for name, call, _ in keys):
+        return None
+    return ga.lockstep(gb)
 
 
 _PRECISIONS = {None: None, "native": None, "float32": torch.float32, "float64": torch.float64}
@@ -382,12 +408,18 @@ def activation_statistics(
                 rec.take(side, sk, _channels(t, sk[3], sk[4]))  # type: ignore[arg-type]
 
         keys = list(slices)
-        with _hook_sites(model_a, keys, partial(take, 0)), _hook_sites(model_b, keys, partial(take, 1)):
+        pair = _lockstep(model_a, model_b, keys)
+        with _hook_sites(model_a, keys, partial(take, 0), pair), _hook_sites(model_b, keys, partial(take, 1), pair):
             for x in iter_inputs(loader, device, max_samples):
-                model_a(x)
-                if rec.modified():  # an activation of A was changed in place after its hook: run A again, copying it
+                if pair is not None:
+                    pair(x)
+                    if rec.modified():  # an activation of A was changed in place before B's hook: again, copying it
+                        pair(x)
+                else:
                     model_a(x)
-                model_b(x)
+                    if rec.modified():  # an activation of A was changed in place after its hook: A again, copying it
+                        model_a(x)
+                    model_b(x)
                 for k in site_groups:
                     totals[k].add(rec.batch(k))  # type: ignore[arg-type]
     for total in totals.values():

@@ -202,8 +202,9 @@ class _SiteTotal:
             return
         batches, com = self.batches, self.com
         self.batches, self.com, self.pending = [], None, 0
-        mean_a, m2_a = pool_partials([a.parts for a, _ in batches])
-        mean_b, m2_b = pool_partials([b.parts for _, b in batches])
+        nb = len(batches)  # both sides' batches pooled by one call (same channels; mostly one layout)
+        means, m2s = pool_partials([a.parts for a, _ in batches] + [b.parts for _, b in batches])
+        mean_a, mean_b, m2_a, m2_b = means[:nb], means[nb:], m2s[:nb], m2s[nb:]
         n = torch.tensor([a.n for a, _ in batches], dtype=torch.float64, device=mean_a.device)
         fused = torch.tensor([[a.fused, b.fused] for a, b in batches], device=mean_a.device)
         raw_a, raw_b = mean_a * fused[:, :1], mean_b * fused[:, 1:]  # zero where that side was centred

@@ -6,8 +6,10 @@
 2. Activation-statistics pass over N samples ÷ plain no-grad forward passes of both models over the same N, for
    VGG16-BN and ResNet-20: ``stats_over_forward`` for activation matching (the A×B cross block),
    ``zip_cca_stats_over_forward`` for the full ``2C × 2C`` moments ZipIt and CCA read (best pass ÷ best forwards
-   of the interleaved repeats; each row also gives the median of each pass's ratio to the forwards timed just
-   before it, steadier on a noisy machine when comparing two versions).
+   of the interleaved repeats — at least ``--repeats``, and more until each configuration has run ``--min-seconds``,
+   so that a short pass (ResNet-20: ≈ 1 s a repeat) gets as many chances at a quiet moment of a shared machine
+   as a long one; each row also gives the median of each pass's ratio to the forwards timed just before it,
+   steadier on a noisy machine when comparing two versions).
 
 Run: ``python benchmarks/matching.py [--samples 512] [--batch 128] [--json F]``.
 """
@@ -96,7 +98,8 @@ def bench_weight_matching(cfg: ModelConfig, size: int, device: torch.device, rep
 
 @torch.no_grad()
 def bench_statistics(cfg: ModelConfig, samples: int, batch: int, full: bool, precision: str | None,
-                     device: torch.device, repeats: int = 3, channels_last: bool = True) -> dict[str, Any]:
+                     device: torch.device, repeats: int = 3, channels_last: bool = True,
+                     min_seconds: float = 0.0) -> dict[str, Any]:
     a, b = build_model(cfg).eval().to(device), build_model(cfg).eval().to(device)
     if channels_last:  # the layout the merge session runs conv nets in
         fast_memory_format(a), fast_memory_format(b)
@@ -112,7 +115,8 @@ def bench_statistics(cfg: ModelConfig, samples: int, batch: int, full: bool, pre
             torch.cuda.synchronize()
 
     fwds, passes = [], []
-    for _ in range(repeats):  # interleaved best-of-repeats: robust to a shared, noisy machine
+    started = time.perf_counter()
+    while len(passes) < repeats or time.perf_counter() - started < min_seconds:  # interleaved best-of-repeats
         sync()
         t0 = time.perf_counter()
         for x, _ in loader:
@@ -130,9 +134,9 @@ def bench_statistics(cfg: ModelConfig, samples: int, batch: int, full: bool, pre
     kind = ("2C×2C" if full else "cross") + f", {precision or 'native'}" + (", channels_last" if channels_last else "")
     n = len(loader) * batch
     print(f"stats {cfg.arch:8s} ({kind}) N={n}: pass={stats:.2f}s forwards={fwd:.2f}s ratio={stats / fwd:.2f} "
-          f"(median of paired ratios {paired_median:.2f}; {n / stats:.0f} images/s)")
+          f"(median of paired ratios {paired_median:.2f}; {len(passes)} repeats; {n / stats:.0f} images/s)")
     return {"arch": cfg.arch, "kind": kind, "seconds": stats, "forward_seconds": fwd, "ratio": stats / fwd,
-            "paired_median_ratio": paired_median}
+            "paired_median_ratio": paired_median, "repeats": len(passes)}
 
 
 def main() -> None:
@@ -142,7 +146,9 @@ def main() -> None:
     p.add_argument("--skip-wm", action="store_true", help="only run the statistics benchmark")
     p.add_argument("--skip-stats", action="store_true", help="only run the weight-matching benchmark")
     p.add_argument("--precision", nargs="+", default=["native"], help="statistics precisions (native float32 float64)")
-    p.add_argument("--repeats", type=int, default=5, help="statistics timings: best of this many")
+    p.add_argument("--repeats", type=int, default=5, help="statistics timings: best of at least this many")
+    p.add_argument("--min-seconds", type=float, default=20.0,
+                   help="statistics timings: repeat until each configuration ran this long (forwards + passes)")
     p.add_argument("--wm-repeats", type=int, default=2, help="weight-matching timings: best of this many")
     p.add_argument("--contiguous", action="store_true", help="statistics models in NCHW, not channels_last")
     p.add_argument("--json", help="write the measured ratios to this file")
@@ -167,7 +173,7 @@ def main() -> None:
                 for arch in ("vgg16", "resnet20"):
                     rows.append(bench_statistics(ModelConfig(arch=arch, norm="bn"), args.samples, args.batch, full,
                                                  None if prec == "native" else prec, device, args.repeats,
-                                                 not args.contiguous))
+                                                 not args.contiguous, args.min_seconds))
         out["statistics"] = rows
         # activation matching reads the cross block; ZipIt / CCA the full 2C×2C moments (reported apart)
         out["stats_over_forward"] = max(r["ratio"] for r in rows if r["kind"].startswith("cross"))

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+from timing import interleaved  # benchmarks/timing.py (this script's folder is on the path)
 
 from vf_lightning.align import activation_statistics, build_permutation_spec, solve_lap, weight_matching
 from vf_lightning.align.permute import expand_index, identity_perms, invert_perm, permute_state_dict
@@ -78,14 +78,11 @@ def bench_weight_matching(cfg: ModelConfig, size: int, device: torch.device, rep
     a, b = build_model(cfg).eval().to(device), build_model(cfg).eval().to(device)
     spec = build_permutation_spec(a, torch.randn(1, 3, size, size, device=device))
     sa, sb = a.state_dict(), b.state_dict()
-    base = ours = float("inf")
-    for _ in range(repeats):  # interleaved best-of-repeats: robust to a shared, noisy machine
-        t0 = time.perf_counter()
-        perms, obj, sweeps = plain_weight_matching(spec, sa, sb, seed=0)
-        base = min(base, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        res = weight_matching(spec, sa, sb, seed=0)
-        ours = min(ours, time.perf_counter() - t0)
+    out: dict[str, Any] = {}
+    bases, runs = interleaved(lambda: out.update(plain=plain_weight_matching(spec, sa, sb, seed=0)),
+                              lambda: out.update(ours=weight_matching(spec, sa, sb, seed=0)), device, repeats)
+    (perms, obj, sweeps), res = out["plain"], out["ours"]
+    base, ours = min(bases), min(runs)
     rp = res.perms or {}
     same = obj == res.objective and all(torch.equal(perms[k], rp[k].cpu()) for k in perms)
     print(f"WM {cfg.arch:12s} groups={len(spec):3d} sweeps={res.sweeps:3d} (baseline {sweeps}) total={ours:7.2f}s "
@@ -110,24 +107,9 @@ def bench_statistics(cfg: ModelConfig, samples: int, batch: int, full: bool, pre
         a(x), b(x)
         activation_statistics(a, b, spec, [(x[:8], None)], full=full, precision=precision)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    fwds, passes = [], []
-    started = time.perf_counter()
-    while len(passes) < repeats or time.perf_counter() - started < min_seconds:  # interleaved best-of-repeats
-        sync()
-        t0 = time.perf_counter()
-        for x, _ in loader:
-            a(x)
-            b(x)
-        sync()
-        fwds.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        activation_statistics(a, b, spec, loader, full=full, precision=precision)
-        sync()
-        passes.append(time.perf_counter() - t0)
+    fwds, passes = interleaved(lambda: [(a(x), b(x)) for x, _ in loader],
+                               lambda: activation_statistics(a, b, spec, loader, full=full, precision=precision),
+                               device, repeats, min_seconds)
     fwd, stats = min(fwds), min(passes)
     paired = sorted(s / f for s, f in zip(passes, fwds))
     paired_median = paired[len(paired) // 2]  # each pass against the forwards timed just before it

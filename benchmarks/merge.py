@@ -5,7 +5,8 @@ the costs do not depend on training), this
 
 1. times the merge session's reference-statistics pass (:func:`vf_lightning.repair.reference_stats` of A and B
    at every site the session reads: correction sites, variance-ratio sites, PFM's layers) against plain eval
-   forward passes of A and B over the same calibration inputs, interleaved best of ``--repeats``: the ratio
+   forward passes of A and B over the same calibration inputs, interleaved best of ``--repeats`` or more
+   (until ``--min-seconds``, :mod:`timing`): the ratio
    ``stats_over_forward`` (target ≤ 1.3);
 2. runs one merge variant (weight matching, none + ``--normalization``, the variance ratio of both, two more α)
    in a fresh :class:`~vf_lightning.merge.MergeSession` and prints its phase seconds (report.json ``timing``).
@@ -26,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from timing import interleaved  # benchmarks/timing.py (this script's folder is on the path)
 from torch import nn
 
 from vf_lightning.merge import MergeSession
@@ -33,11 +35,6 @@ from vf_lightning.merge.session import SessionData
 from vf_lightning.models import ModelConfig, build_model, fast_memory_format
 from vf_lightning.repair import reference_stats
 from vf_lightning.runtime import tune_allocator
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 @torch.no_grad()
@@ -50,25 +47,18 @@ def forward_all(models: Sequence[nn.Module], batches: Sequence[torch.Tensor], de
 
 
 def stats_vs_forward(models: list[nn.Module], calib: list[torch.Tensor], sites: list[str], device: torch.device,
-                     repeats: int) -> dict[str, float]:  # fmt: skip
-    """Best-of-``repeats`` seconds of the reference-statistics pass and of the plain forward passes, interleaved
-    (robust to a shared, noisy machine), after one warm-up of each."""
+                     repeats: int, min_seconds: float = 0.0) -> dict[str, float]:  # fmt: skip
+    """Best seconds of the reference-statistics pass and of the plain forward passes, interleaved (at least
+    ``repeats`` of each, more until both ran ``min_seconds``; robust to a shared, noisy machine), after one
+    warm-up of each."""
     for m in models:
         m.eval()
     forward_all(models, calib[:1], device)
     reference_stats(models, calib[:1], sites)
-    fwd = stats = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        forward_all(models, calib, device)
-        _sync(device)
-        fwd = min(fwd, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        reference_stats(models, calib, sites)
-        _sync(device)
-        stats = min(stats, time.perf_counter() - t0)
-    return {"stats_seconds": stats, "forward_seconds": fwd, "ratio": stats / fwd}
+    fwds, passes = interleaved(lambda: forward_all(models, calib, device),
+                               lambda: reference_stats(models, calib, sites), device, repeats, min_seconds)
+    fwd, stats = min(fwds), min(passes)
+    return {"stats_seconds": stats, "forward_seconds": fwd, "ratio": stats / fwd, "repeats": len(passes)}
 
 
 def synthetic_pair(arch: str, calib: int, n_eval: int, batch: int, device: torch.device
@@ -110,7 +100,7 @@ def bench_pair(name: str, models: list[nn.Module], data: SessionData, args: argp
     phases = {**s.timer.seconds, "total": time.perf_counter() - t0}
     # the statistics pass the session made: A and the aligned B at every site it reads
     refs = s.merge(args.matching).endpoints
-    sv = stats_vs_forward(list(refs), data.calib, s.stat_sites, device, args.repeats)
+    sv = stats_vs_forward(list(refs), data.calib, s.stat_sites, device, args.repeats, args.min_seconds)
     n_calib = sum(len(b) for b in data.calib)
     print(f"{name}: {len(s.stat_sites)} statistics sites, {n_calib} calibration images, device {device}")
     print(f"  statistics pass {sv['stats_seconds']:.2f} s, plain forward passes of A and B "
@@ -128,7 +118,9 @@ def main() -> None:
     p.add_argument("--calib", type=int, default=1024)
     p.add_argument("--eval", type=int, default=1024)
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=5, help="timings: best of this many, interleaved")
+    p.add_argument("--repeats", type=int, default=5, help="timings: best of at least this many, interleaved")
+    p.add_argument("--min-seconds", type=float, default=20.0,
+                   help="statistics timings: repeat until forwards + passes ran this long")
     p.add_argument("--matching", default="weight")
     p.add_argument("--normalization", default="repair")
     p.add_argument("--json", help="write the measured numbers and stats_over_forward to this file")

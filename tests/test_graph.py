@@ -221,3 +221,37 @@ def test_lockstep_runs_two_models_node_by_node_with_their_own_modules_and_hooks(
     convs = _convs(a)
     assert order[:2 * len(convs)] == [f"{s}:{n}" for n in convs for s in "ab"]  # A's conv, then B's same conv
     assert ga.lockstep(ModelGraph.of(_model("resnet32", "bn"))) is None  # a deeper net: not the same trace
+
+
+def test_lockstep_is_refused_where_the_trace_may_not_run_as_the_forward_and_copies_the_input() -> None:
+    """No lockstep for a trace taken in training mode (a ``self.training`` branch is baked in) or a model with a hook
+    the trace never calls (on the model itself); each model reads its own copy of the input, so a forward that
+    changes its input in place changes neither the other model's nor the caller's."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.relu = nn.Conv2d(3, 4, 3), nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x.mul_(2.0)  # changes its input in place
+            return nn.functional.dropout(self.relu(self.conv(x)), 0.5, self.training).mean((2, 3))
+
+    torch.manual_seed(0)
+    trained = Net().train()
+    assert ModelGraph.of(trained).traced_in_eval is False
+    a, b = Net().eval(), Net().eval()
+    ga, gb = ModelGraph.of(a), ModelGraph.of(b)
+    assert ga.lockstep(ModelGraph.of(trained.eval())) is None  # traced with dropout on
+    pair = ga.lockstep(gb)
+    assert pair is not None
+    x = torch.randn(2, 3, 8, 8)
+    x0 = x.clone()
+    with torch.no_grad():
+        out_a, out_b = pair(x)
+        assert torch.equal(x, x0)
+        assert torch.equal(out_a, a(x0.clone())) and torch.equal(out_b, b(x0.clone()))
+    handle = a.register_forward_pre_hook(lambda _m, inp: (inp[0] * 0,))
+    assert ga.lockstep(gb) is None  # the trace would skip the model's own hook
+    handle.remove()
+    assert ga.lockstep(gb) is pair

@@ -80,6 +80,7 @@ class ModelGraph:
         self.output_layers: list[str] = [p for p in self.producers if any(n in heads for n in self._calls[p])]
         self._uncorrected = heads | self._residual_exclusions()
         self._specs: dict[tuple[Any, ...], PermutationSpec] = {}
+        self.traced_in_eval = not any(m.training for m in model.modules())  # no `self.training` branch baked in
         self._pairs: weakref.WeakKeyDictionary[fx.GraphModule, fx.GraphModule | None] = weakref.WeakKeyDictionary()
 
     @classmethod
@@ -195,13 +196,17 @@ class ModelGraph:
     def lockstep(self, other: ModelGraph) -> fx.GraphModule | None:
         """One graph module running this model and ``other`` (traced alike) node by node: each node of this
         model, then the same node of ``other``; it returns both outputs as a pair. ``None`` when the two traces
-        differ in any op or module/attribute name. Built once per pair of traces.
+        differ in any op or module/attribute name, or when either trace may not run as its model's forward
+        (:meth:`runs_as_traced`). Built once per pair of traces.
 
         It calls the models' own leaf modules, so their hooks fire, in each model's own order, with the same
-        values as two separate forwards; but a value of this model is seen by ``other``'s hook at the same node
-        while it is still fresh in cache, and need not outlive ``other``'s forward reaching that node (paired
-        statistics, :func:`vf_lightning.align.statistics.activation_statistics`).
+        values as two separate forwards (each model reads its own copy of the input, so neither can change the
+        other's or the caller's); but a value of this model is seen by ``other``'s hook at the same node while it
+        is still fresh in cache, and need not outlive ``other``'s forward reaching that node (paired statistics,
+        :func:`vf_lightning.align.statistics.activation_statistics`).
         """
+        if not (self.runs_as_traced() and other.runs_as_traced()):
+            return None
         if other.gm in self._pairs:
             return self._pairs[other.gm]
         pair: fx.GraphModule | None = None
@@ -214,7 +219,8 @@ class ModelGraph:
             outputs: list[Any] = []
             for a, b in zip(self._nodes, other._nodes):
                 if a.op == "placeholder":
-                    env[a] = env[b] = graph.node_copy(a)  # the input both models read
+                    x = graph.node_copy(a)
+                    env[a], env[b] = (graph.call_method("clone", (x,)) for _ in range(2))
                     continue
                 if a.op == "output":
                     outputs = [fx.node.map_arg(n.args[0], env.__getitem__) for n in (a, b)]
@@ -227,6 +233,18 @@ class ModelGraph:
             pair = fx.GraphModule(root, graph)
         self._pairs[other.gm] = pair
         return pair
+
+    def runs_as_traced(self) -> bool:
+        """Whether running the trace now computes what calling the model does: it was traced in eval mode (a
+        forward that reads ``self.training`` was traced for eval, as statistics passes run), it has one input,
+        and no hook sits where the trace never calls (the model itself, a non-leaf module, every module)."""
+        model = self._model()
+        if model is None or not self.traced_in_eval or sum(n.op == "placeholder" for n in self._nodes) != 1:
+            return False
+        if any(getattr(nn.modules.module, h) for h in ("_global_forward_hooks", "_global_forward_pre_hooks")):
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks
+                       for name, m in model.named_modules() if name not in self._calls)
 
     def spec(self, example_input: torch.Tensor) -> PermutationSpec:
         """The permutation spec, built over this trace (cached per input shape and state-dict shapes)."""

@@ -421,6 +421,7 @@ def activation_statistics(
                     if rec.modified():  # an activation of A was changed in place after its hook: A again, copying it
                         model_a(x)
                     model_b(x)
+                    rec.modified()  # B changed a kept A activation (a shared tensor): copied from the next batch on
                 for k in site_groups:
                     totals[k].add(rec.batch(k))  # type: ignore[arg-type]
     for total in totals.values():
